@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch must come first: the CPU wheel pinned here, so nothing else drags in a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+DATA_DIR ?= data
+export HF_HUB_OFFLINE := 1
+export MPLBACKEND := Agg
+
+.PHONY: venv demo test lint bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -c "import torch; print('torch', torch.__version__)"
+	touch $@
+
+demo: venv
+	$(PY) examples/mnist/fetch_data.py --data-dir $(DATA_DIR)
+	$(PY) examples/mnist/demo.py --data-dir $(DATA_DIR) --out-dir runs/demo
+
+test: venv
+	$(PY) -m pytest -q src tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
+
+lint: venv
+	$(PY) -m ruff check src tests examples benchmarks
+
+bench: venv
+	$(PY) benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

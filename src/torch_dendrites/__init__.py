@@ -1,0 +1,57 @@
+"""torch-dendrites: add artificial dendrites to any PyTorch model, grow them when training plateaus,
+and measure what they buy.
+
+Example:
+    >>> import torch, torch_dendrites as td
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> x = torch.randn(5, 4)
+    >>> before = net(x)
+    >>> net = td.add_dendrites(net)
+    >>> added = td.grow(net)
+    >>> torch.equal(net(x), before)
+    True
+"""
+
+from .config import DendriteConfig, GrowthConfig
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DendriteError,
+    ScoreError,
+    StateError,
+    TargetError,
+    UnsupportedModuleError,
+)
+from .growth import GrowthController, StepResult
+from .layer import DendriticLayer, LayerSpec, register_layer_type
+from .dendrites import register_dendrite_type
+from .persistence import load, save
+from .surgery import Summary, add_dendrites, dendritic_layers, grow, remove_dendrites, summary
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DendriteConfig",
+    "DendriteError",
+    "DendriticLayer",
+    "GrowthConfig",
+    "GrowthController",
+    "LayerSpec",
+    "ScoreError",
+    "StateError",
+    "StepResult",
+    "Summary",
+    "TargetError",
+    "UnsupportedModuleError",
+    "add_dendrites",
+    "dendritic_layers",
+    "grow",
+    "load",
+    "register_dendrite_type",
+    "register_layer_type",
+    "remove_dendrites",
+    "save",
+    "summary",
+]

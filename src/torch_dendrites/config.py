@@ -1,0 +1,234 @@
+"""What the user asks for: :class:`DendriteConfig` (what to wrap, and how) and :class:`GrowthConfig`
+(when to grow).
+
+Both are plain dataclasses validated in ``__post_init__``; an invalid field raises
+:class:`~torch_dendrites.errors.ConfigError` naming the field, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence, Tuple, Type, Union
+
+from torch import nn
+
+from .errors import ConfigError
+
+__all__ = ["DendriteConfig", "GrowthConfig"]
+
+ACTIVATIONS = ("sigmoid", "tanh")
+GROWTH_MODES = ("plateau", "fixed", "every", "never")
+DENDRITE_TRAINING = ("gd", "correlation")
+
+
+def _as_tuple(value: Any, field_name: str, kind: str) -> Optional[tuple]:
+    if value is None:
+        return None
+    if isinstance(value, (str, type)):
+        return (value,)
+    try:
+        return tuple(value)
+    except TypeError:
+        raise ConfigError(f"{field_name}={value!r} is not a {kind} or a sequence of them.") from None
+
+
+def _check_patterns(patterns: Optional[tuple], field_name: str) -> None:
+    for p in patterns or ():
+        if not isinstance(p, str) or not p:
+            raise ConfigError(f"{field_name} holds {p!r}; give non-empty module-name strings.")
+        try:
+            re.compile(p)
+        except re.error as exc:
+            raise ConfigError(
+                f"{field_name} holds {p!r}, which is neither a plain name nor a valid regular expression "
+                f"({exc}); escape special characters with re.escape()."
+            ) from None
+
+
+def name_matches(name: str, patterns: Sequence[str]) -> bool:
+    """True if a dotted module path matches any pattern exactly, as a dotted suffix, or as a regex."""
+    for p in patterns:
+        if name == p or name.endswith("." + p) or re.fullmatch(p, name):
+            return True
+    return False
+
+
+@dataclass
+class DendriteConfig:
+    """Which modules of a model get dendrites, and what kind.
+
+    A module is wrapped when it passes every selector that is set (``target_types``, ``target_names``,
+    ``filter_fn``) and matches no ``exclude`` pattern. With no selector set, every module of a supported
+    type is a target (``nn.Linear``, ``nn.Conv1d/2d/3d``, Hugging Face ``Conv1D``, and whatever was added
+    with :func:`torch_dendrites.register_layer_type`).
+
+    Args:
+        target_types: module classes to wrap (subclasses included). Default: every supported type.
+        target_names: module paths to wrap; each entry matches a path exactly, as a dotted suffix
+            (``"fc1"`` matches ``"encoder.fc1"``) or as a regular expression over the whole path.
+        filter_fn: ``filter_fn(module, name) -> bool``, the escape hatch for any other rule.
+        exclude: module paths never to wrap (same matching rules as ``target_names``).
+        dendrite_type: the dendrite kind; ``"cascade"`` is the gradient-descent cascade of DESIGN.md.
+        dendrite_options: extra options passed to the dendrite type.
+        activation: the dendrite nonlinearity, ``"sigmoid"`` or ``"tanh"``.
+        init_scale: new dendrite weights are the layer type's default initialisation times this.
+        neuron_axis: override of the output axis that holds the neurons (``-1`` for Linear,
+            the channel axis for convolutions); ``None`` detects it per layer type.
+
+    Example:
+        >>> import torch_dendrites as td
+        >>> cfg = td.DendriteConfig(target_names=["fc1", "fc2"], exclude=["head"])
+        >>> cfg.dendrite_type
+        'cascade'
+    """
+
+    target_types: Optional[Tuple[Type[nn.Module], ...]] = None
+    target_names: Optional[Tuple[str, ...]] = None
+    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None
+    exclude: Tuple[str, ...] = ()
+    dendrite_type: str = "cascade"
+    dendrite_options: dict = field(default_factory=dict)
+    activation: str = "sigmoid"
+    init_scale: float = 0.01
+    neuron_axis: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        self.target_types = _as_tuple(self.target_types, "target_types", "module class")
+        for t in self.target_types or ():
+            if not (isinstance(t, type) and issubclass(t, nn.Module)):
+                raise ConfigError(f"target_types holds {t!r}; give nn.Module subclasses such as nn.Linear.")
+        self.target_names = _as_tuple(self.target_names, "target_names", "module name")
+        _check_patterns(self.target_names, "target_names")
+        self.exclude = _as_tuple(self.exclude, "exclude", "module name") or ()
+        _check_patterns(self.exclude, "exclude")
+        if self.filter_fn is not None and not callable(self.filter_fn):
+            raise ConfigError(f"filter_fn={self.filter_fn!r} is not callable; pass fn(module, name) -> bool.")
+        # Imported here: the dendrite registry imports the config module.
+        from .dendrites import dendrite_type_names
+
+        if self.dendrite_type not in dendrite_type_names():
+            raise ConfigError(
+                f"dendrite_type={self.dendrite_type!r} is unknown; choose one of {sorted(dendrite_type_names())}."
+            )
+        if not isinstance(self.dendrite_options, dict):
+            raise ConfigError(f"dendrite_options={self.dendrite_options!r} must be a dict.")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation={self.activation!r} is unknown; choose one of {list(ACTIVATIONS)}.")
+        if (
+            isinstance(self.init_scale, bool)
+            or not isinstance(self.init_scale, (int, float))
+            or not math.isfinite(self.init_scale)
+            or self.init_scale <= 0
+        ):
+            raise ConfigError(f"init_scale={self.init_scale!r} must be a finite number > 0, e.g. 0.01.")
+        if self.neuron_axis is not None and (
+            isinstance(self.neuron_axis, bool) or not isinstance(self.neuron_axis, int)
+        ):
+            raise ConfigError(f"neuron_axis={self.neuron_axis!r} must be an int (e.g. -1 or 1) or None.")
+
+    def to_dict(self) -> dict:
+        """The JSON-safe part of the config (types by qualified name; ``filter_fn`` by presence only)."""
+        return {
+            "target_types": None
+            if self.target_types is None
+            else [f"{t.__module__}.{t.__qualname__}" for t in self.target_types],
+            "target_names": None if self.target_names is None else list(self.target_names),
+            "filter_fn": None if self.filter_fn is None else getattr(self.filter_fn, "__qualname__", "callable"),
+            "exclude": list(self.exclude),
+            "dendrite_type": self.dendrite_type,
+            "dendrite_options": dict(self.dendrite_options),
+            "activation": self.activation,
+            "init_scale": float(self.init_scale),
+            "neuron_axis": self.neuron_axis,
+        }
+
+
+def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        extra = " or None" if allow_none else ""
+        raise ConfigError(f"{name}={value!r} must be an int >= {minimum}{extra}.")
+
+
+def _check_float(name: str, value: Any, lo: float, hi: float, hi_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and lo <= value and (value < hi if hi_open else value <= hi)
+    if not ok:
+        bracket = ")" if hi_open else "]"
+        raise ConfigError(f"{name}={value!r} must be a number in [{lo}, {hi}{bracket}.")
+
+
+@dataclass
+class GrowthConfig:
+    """When the :class:`~torch_dendrites.GrowthController` adds dendrites, and when it stops.
+
+    Args:
+        mode: ``"plateau"`` grows after ``patience`` epochs without a new best; ``"fixed"`` every
+            ``switch_every`` epochs; ``"every"`` after every epoch (a quick capacity test); ``"never"``
+            only early-stops (the baseline arm: same stopping rule and best-weight restore, no growth).
+        patience: epochs without a new best before a switch (plateau) or before stopping (never).
+        switch_every: phase length in epochs for ``mode="fixed"``.
+        maximize: ``True`` for accuracy-like scores, ``False`` for losses.
+        improvement_rel: a new best must beat the old by more than ``improvement_rel * |best|`` ...
+        improvement_abs: ... and by more than ``improvement_abs``.
+        smoothing: exponential smoothing factor of the validation score in [0, 1); 0 means none.
+        max_dendrites: the most dendrites per neuron; at this count a plateau ends the run.
+        max_tries: fresh-init attempts for a dendrite set that never beats the best, before ``done``.
+        max_epochs: optional hard cap on controller steps; reaching it ends the run on the best weights.
+        dendrite_training: ``"gd"`` (dendrites trained by backprop with everything else) or
+            ``"correlation"`` (Cascade-Correlation candidates; not available yet).
+        seed: if set, dendrite initialisation draws from a generator seeded from it and the growth
+            count, so reruns (and every rank of a distributed run) grow identical dendrites.
+
+    Example:
+        >>> import torch_dendrites as td
+        >>> td.GrowthConfig(mode="plateau", patience=3, maximize=True).max_dendrites
+        3
+    """
+
+    mode: str = "plateau"
+    patience: int = 5
+    switch_every: int = 10
+    maximize: bool = True
+    improvement_rel: float = 1e-4
+    improvement_abs: float = 0.0
+    smoothing: float = 0.0
+    max_dendrites: int = 3
+    max_tries: int = 2
+    max_epochs: Optional[int] = None
+    dendrite_training: str = "gd"
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in GROWTH_MODES:
+            raise ConfigError(f"mode={self.mode!r} is unknown; choose one of {list(GROWTH_MODES)}.")
+        _check_int("patience", self.patience, 1)
+        _check_int("switch_every", self.switch_every, 1)
+        if not isinstance(self.maximize, bool):
+            raise ConfigError(f"maximize={self.maximize!r} must be True (accuracy) or False (loss).")
+        _check_float("improvement_rel", self.improvement_rel, 0.0, 1.0)
+        _check_float("improvement_abs", self.improvement_abs, 0.0, math.inf, hi_open=True)
+        _check_float("smoothing", self.smoothing, 0.0, 1.0, hi_open=True)
+        _check_int("max_dendrites", self.max_dendrites, 0)
+        _check_int("max_tries", self.max_tries, 1)
+        _check_int("max_epochs", self.max_epochs, 1, allow_none=True)
+        _check_int("seed", self.seed, 0, allow_none=True)
+        if self.dendrite_training not in DENDRITE_TRAINING:
+            raise ConfigError(
+                f"dendrite_training={self.dendrite_training!r} is unknown; choose one of {list(DENDRITE_TRAINING)}."
+            )
+        if self.dendrite_training == "correlation":
+            raise ConfigError(
+                "dendrite_training='correlation' (Cascade-Correlation dendrites) is not implemented in this "
+                "version; use dendrite_training='gd'."
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+ConfigLike = Union[DendriteConfig, GrowthConfig]

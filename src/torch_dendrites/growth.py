@@ -1,0 +1,340 @@
+"""The training-phase state machine: :class:`GrowthController`.
+
+Call ``controller.step(val_score, test=..., train=...)`` once per epoch after validation. It keeps the best
+weights, decides when to grow (plateau, fixed, every epoch, never), rolls back and retries dendrite sets
+that never beat the best, and says when to stop. All of its state is in ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+from torch import nn
+
+from .config import GrowthConfig
+from .errors import ConfigError, ScoreError, StateError, TargetError
+from .surgery import dendritic_layers
+
+__all__ = ["GrowthController", "StepResult"]
+
+_STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one :meth:`GrowthController.step` decided.
+
+    Attributes:
+        improved: this epoch set a new best (smoothed) validation score.
+        restructured: the model's parameters changed (dendrites added or removed, or best weights
+            restored): rebuild the optimizer (and scheduler) before the next epoch.
+        done: stop training; the model holds the final best weights.
+        epoch: epochs stepped so far (1-based).
+        score: the raw validation score passed in.
+        best_score: the best smoothed validation score so far.
+        num_dendrites: dendrites per neuron after this step.
+        parameters: model parameters after this step.
+        event: ``""``, ``"grow"``, ``"retry"`` (rolled back, growing fresh dendrites), ``"done"``.
+    """
+
+    improved: bool
+    restructured: bool
+    done: bool
+    epoch: int
+    score: float
+    best_score: float
+    num_dendrites: int
+    parameters: int
+    event: str = ""
+
+
+def _as_score(name: str, value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ScoreError(f"{name} is a tensor of shape {tuple(value.shape)}; pass a single number.")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ScoreError(f"{name}={value!r} is not a number; pass a float such as validation accuracy.")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ScoreError(
+            f"{name}={value!r} is not finite; the controller's state was left unchanged. Check the training "
+            "for divergence (lower the learning rate) before stepping again."
+        )
+    return value
+
+
+def _count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class GrowthController:
+    """Grows dendrites when validation stops improving, and keeps the best model.
+
+    Args:
+        model: a model prepared with :func:`torch_dendrites.add_dendrites` (a plain model is accepted only
+            with ``mode="never"``, the baseline arm).
+        config: a :class:`~torch_dendrites.GrowthConfig`.
+        out_dir: if given, ``history.csv``, ``architectures.csv``, ``growth.png`` and the best weights
+            (``best/``) are written there.
+
+    Example:
+        >>> import torch, torch_dendrites as td
+        >>> net = td.add_dendrites(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+        >>> ctl = td.GrowthController(net, td.GrowthConfig(mode="plateau", patience=1, max_dendrites=1))
+        >>> ctl.step(0.5).improved
+        True
+        >>> r = ctl.step(0.5)  # no improvement for `patience` epochs: restore best, grow
+        >>> r.restructured, r.num_dendrites, r.event
+        (True, 1, 'grow')
+    """
+
+    def __init__(self, model: nn.Module, config: Optional[GrowthConfig] = None, out_dir: Union[str, Path, None] = None):
+        cfg = GrowthConfig() if config is None else config
+        if not isinstance(cfg, GrowthConfig):
+            raise ConfigError(f"config must be a torch_dendrites.GrowthConfig, got {type(cfg).__name__}.")
+        if not isinstance(model, nn.Module):
+            raise TargetError(f"model must be an nn.Module, got {type(model).__name__}.")
+        if cfg.mode != "never" and not dendritic_layers(model):
+            raise TargetError(
+                f"GrowthConfig(mode={cfg.mode!r}) needs a model with dendritic layers; call td.add_dendrites(model) "
+                "first (or use mode='never' for a baseline without dendrites)."
+            )
+        self.model = model
+        self.config = cfg
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._reporter = None
+        self._reset()
+
+    # ----------------------------------------------------------------- state
+    def _reset(self) -> None:
+        self.epoch = 0
+        self.smoothed: Optional[float] = None
+        self.best_score: Optional[float] = None
+        self.best_epoch: Optional[int] = None
+        self.best_extras: Dict[str, float] = {}
+        self.best_counts: Dict[str, int] = {}
+        self.best_state: Optional[Dict[str, torch.Tensor]] = None
+        self.since_best = 0
+        self.phase_start = 0
+        self.phase_grown = False  # the current phase began with newly grown dendrites
+        self.phase_improved = False
+        self.tries = 0
+        self.growths = 0
+        self.done = False
+        self.history: List[Dict[str, Any]] = []
+        self.architectures: Dict[int, Dict[str, Any]] = {}
+
+    _FIELDS = (
+        "epoch", "smoothed", "best_score", "best_epoch", "best_extras", "best_counts", "since_best",
+        "phase_start", "phase_grown", "phase_improved", "tries", "growths", "done", "history",
+    )  # fmt: skip
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to continue exactly where this controller stopped (best weights included)."""
+        state = {k: _copy(getattr(self, k)) for k in self._FIELDS}
+        state["architectures"] = {str(k): dict(v) for k, v in self.architectures.items()}
+        state["config"] = self.config.to_dict()
+        state["version"] = _STATE_VERSION
+        state["best_state"] = None if self.best_state is None else dict(self.best_state)
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the model must already have the saved dendrite structure."""
+        if not isinstance(state, dict):
+            raise StateError(f"state must be a dict from GrowthController.state_dict(), got {type(state).__name__}.")
+        missing = [k for k in (*self._FIELDS, "architectures", "best_state", "version") if k not in state]
+        if missing:
+            raise StateError(f"controller state is missing {missing}; pass a dict from GrowthController.state_dict().")
+        if state["version"] > _STATE_VERSION:
+            raise StateError(
+                f"controller state version {state['version']} is newer than this library's ({_STATE_VERSION}); "
+                "upgrade torch-dendrites."
+            )
+        for k in self._FIELDS:
+            setattr(self, k, _copy(state[k]))
+        self.architectures = {int(k): dict(v) for k, v in state["architectures"].items()}
+        self.best_state = None if state["best_state"] is None else dict(state["best_state"])
+
+    # ----------------------------------------------------------------- queries
+    @property
+    def num_dendrites(self) -> int:
+        """Dendrites per neuron in the model now (the most of any wrapped layer)."""
+        return max((layer.num_dendrites for layer in dendritic_layers(self.model).values()), default=0)
+
+    def _counts(self) -> Dict[str, int]:
+        return {n: layer.num_dendrites for n, layer in dendritic_layers(self.model).items()}
+
+    def _beats(self, a: float, b: float) -> bool:
+        delta = a - b if self.config.maximize else b - a
+        return delta > self.config.improvement_abs and delta > self.config.improvement_rel * abs(b)
+
+    def _better(self, a: float, b: float) -> bool:
+        return a > b if self.config.maximize else a < b
+
+    # ----------------------------------------------------------------- the step
+    def step(self, score: Any, **extra_scores: Any) -> StepResult:
+        """Record one epoch's validation score (and optional extra scores, e.g. ``test=``, ``train=``).
+
+        Returns:
+            A :class:`StepResult`. If ``restructured``, rebuild the optimizer; if ``done``, stop.
+
+        Raises:
+            ScoreError: a score is not a finite number (nothing is changed).
+            StateError: the controller is already done.
+        """
+        if self.done:
+            raise StateError("the controller is done (training finished); build a new controller to train again.")
+        score = _as_score("score", score)
+        extras = {k: _as_score(k, v) for k, v in extra_scores.items()}
+        cfg = self.config
+
+        self.epoch += 1
+        a = cfg.smoothing
+        self.smoothed = score if self.smoothed is None else a * self.smoothed + (1 - a) * score
+        k_now = self.num_dendrites
+        params_now = _count_params(self.model)
+
+        improved = self.best_score is None or self._beats(self.smoothed, self.best_score)
+        if improved:
+            self.best_score, self.best_epoch, self.best_extras = self.smoothed, self.epoch, dict(extras)
+            self.best_counts = self._counts()
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.since_best = 0
+            self.phase_improved = True
+        else:
+            self.since_best += 1
+        arch = self.architectures.setdefault(
+            k_now, {"parameters": params_now, "best_score": None, "best_epoch": None, "extras": {}, "epochs": 0}
+        )
+        arch["epochs"] += 1
+        arch["parameters"] = params_now
+        if arch["best_score"] is None or self._better(self.smoothed, arch["best_score"]):
+            arch.update(best_score=self.smoothed, best_epoch=self.epoch, extras=dict(extras))
+
+        event, restructured = self._decide()
+        row = {
+            "epoch": self.epoch,
+            "dendrites": k_now,
+            "parameters": params_now,
+            "score": score,
+            "smoothed": self.smoothed,
+            "best": self.best_score,
+            "improved": int(improved),
+            "event": event,
+            **extras,
+        }
+        self.history.append(row)
+        if self.out_dir is not None:
+            self._report(improved, event)
+        return StepResult(
+            improved=improved,
+            restructured=restructured,
+            done=self.done,
+            epoch=self.epoch,
+            score=score,
+            best_score=self.best_score,
+            num_dendrites=self.num_dendrites,
+            parameters=_count_params(self.model),
+            event=event,
+        )
+
+    def _switch_due(self) -> bool:
+        cfg = self.config
+        if cfg.mode == "plateau":
+            return self.since_best >= cfg.patience
+        if cfg.mode == "fixed":
+            return self.epoch - self.phase_start >= cfg.switch_every
+        if cfg.mode == "every":
+            return self.epoch - self.phase_start >= 1
+        return False
+
+    def _decide(self):
+        cfg = self.config
+        if cfg.max_epochs is not None and self.epoch >= cfg.max_epochs:
+            return self._finish()
+        if cfg.mode == "never":
+            return self._finish() if self.since_best >= cfg.patience else ("", False)
+        if not self._switch_due():
+            return "", False
+        if self.phase_grown and not self.phase_improved:
+            # The newest dendrite set never beat the best: roll it back, retry with fresh weights.
+            self.tries += 1
+            if self.tries >= cfg.max_tries:
+                return self._finish()
+            self._restore_best()
+            self._grow()
+            return "retry", True
+        if self.num_dendrites >= cfg.max_dendrites:
+            return self._finish()
+        self._restore_best()
+        self.tries = 0
+        self._grow()
+        return "grow", True
+
+    def _grow(self) -> None:
+        gen = None
+        if self.config.seed is not None:
+            gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.growths)
+        for layer in dendritic_layers(self.model).values():
+            layer.grow(gen)
+        self.growths += 1
+        self.phase_start = self.epoch
+        self.phase_grown = True
+        self.phase_improved = False
+        self.since_best = 0
+
+    def _restore_best(self) -> None:
+        layers = dendritic_layers(self.model)
+        for name, layer in layers.items():
+            want = self.best_counts.get(name, 0)
+            while layer.num_dendrites < want:
+                layer.grow()
+            if layer.num_dendrites > want:
+                layer.truncate(want)
+        self.model.load_state_dict(self.best_state, strict=True)
+
+    def _finish(self):
+        self._restore_best()
+        self.done = True
+        return "done", True
+
+    # ----------------------------------------------------------------- reporting
+    def _report(self, improved: bool, event: str) -> None:
+        from .reporting import Reporter
+
+        if self._reporter is None:
+            self._reporter = Reporter(self.out_dir)
+        self._reporter.write_history(self.history)
+        self._reporter.write_architectures(self.architectures)
+        if improved:
+            from .persistence import save_checkpoint
+
+            save_checkpoint(self.out_dir / "best", self.model)
+        if event in ("grow", "retry", "done"):
+            self._reporter.plot(self.history)
+
+    def architecture_table(self) -> List[Dict[str, Any]]:
+        """Per dendrite count: parameters, best validation, extra scores at that epoch, epochs trained."""
+        rows = []
+        for k in sorted(self.architectures):
+            a = self.architectures[k]
+            rows.append({"dendrites": k, "parameters": a["parameters"], "best_score": a["best_score"],
+                         "best_epoch": a["best_epoch"], "epochs": a["epochs"], **a["extras"]})  # fmt: skip
+        return rows
+
+
+def _copy(v):
+    if isinstance(v, dict):
+        return {k: _copy(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_copy(x) for x in v]
+    return v
+

@@ -1,0 +1,118 @@
+"""Run records in ``out_dir``: ``history.csv``, ``architectures.csv`` and the ``growth.png`` figure.
+
+CSV rows are appended per epoch (milliseconds); the figure is redrawn only at growth and at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+from typing import Any, Dict, List
+
+__all__ = ["Reporter", "plot_history"]
+
+_BASE_COLUMNS = ["epoch", "dendrites", "parameters", "score", "smoothed", "best", "improved", "event"]
+
+
+def _columns(history: List[Dict[str, Any]]) -> List[str]:
+    cols = list(_BASE_COLUMNS)
+    for row in history:
+        for k in row:
+            if k not in cols:
+                cols.append(k)
+    return cols
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Reporter:
+    """Writes a controller's records into one folder."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._written_rows = 0
+        self._columns: List[str] = []
+
+    def write_history(self, history: List[Dict[str, Any]]) -> None:
+        path = self.out_dir / "history.csv"
+        cols = _columns(history)
+        if cols != self._columns or self._written_rows > len(history) or not path.exists():
+            # A new extra-score column (or a fresh file): rewrite the whole file once.
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=cols, restval="")
+            w.writeheader()
+            w.writerows(history)
+            _atomic_write_text(path, buf.getvalue())
+            self._columns = cols
+        else:
+            with open(path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=cols, restval="").writerows(history[self._written_rows :])
+        self._written_rows = len(history)
+
+    def write_architectures(self, architectures: Dict[int, Dict[str, Any]]) -> None:
+        rows = []
+        for k in sorted(architectures):
+            a = architectures[k]
+            rows.append(
+                {"dendrites": k, "parameters": a["parameters"], "best_validation": a["best_score"],
+                 "best_epoch": a["best_epoch"], "epochs": a["epochs"],
+                 **{f"{n}_at_best": v for n, v in a["extras"].items()}}
+            )  # fmt: skip
+        cols = ["dendrites", "parameters", "best_validation", "best_epoch", "epochs"]
+        for r in rows:
+            cols += [c for c in r if c not in cols]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=cols, restval="")
+        w.writeheader()
+        w.writerows(rows)
+        _atomic_write_text(self.out_dir / "architectures.csv", buf.getvalue())
+
+    def plot(self, history: List[Dict[str, Any]]) -> Path:
+        return plot_history(history, self.out_dir / "growth.png")
+
+
+def plot_history(history: List[Dict[str, Any]], path: Path) -> Path:
+    """Scores against epochs, a vertical line at each growth, the parameter count on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    # A bare Figure (no pyplot): no global figure registry, safe off the main thread.
+    fig = Figure(figsize=(8, 4.5), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    epochs = [r["epoch"] for r in history]
+    ax.plot(epochs, [r["score"] for r in history], label="validation", color="C0")
+    extra = [c for c in _columns(history) if c not in _BASE_COLUMNS]
+    for i, name in enumerate(extra):
+        pts = [(r["epoch"], r[name]) for r in history if name in r and r[name] != ""]
+        if pts:
+            ax.plot(*zip(*pts), label=name, color=f"C{i + 2}", alpha=0.8)
+    for r in history:
+        if r["event"] in ("grow", "retry"):
+            ax.axvline(r["epoch"] + 0.5, color="k" if r["event"] == "grow" else "r", ls="--", lw=0.8)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("score")
+    ax2 = ax.twinx()
+    ax2.step(epochs, [r["parameters"] for r in history], where="post", color="C1", label="parameters")
+    ax2.set_ylabel("parameters")
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="lower right", fontsize=8)
+    ax.set_title("validation score and growth (dashed: growth, red: retry)")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,356 @@
+"""Find the target layers of a model and wrap them (``add_dendrites``), unwrap them
+(``remove_dendrites``), grow every wrapped layer (``grow``) and describe the result (``summary``).
+
+Every check runs before the model is touched: a failing call leaves it exactly as it was.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .config import DendriteConfig, name_matches
+from .errors import ConfigError, TargetError, UnsupportedModuleError
+from .layer import DendriticLayer, spec_for, spec_for_type, supported_types
+
+__all__ = ["add_dendrites", "remove_dendrites", "grow", "summary", "dendritic_layers", "Summary"]
+
+# Parents that read some children's weights directly instead of calling them: a wrapper there would be
+# silently bypassed, so those children are skipped and reported.
+_DIRECT_WEIGHT_READERS = {
+    nn.MultiheadAttention: "nn.MultiheadAttention reads out_proj.weight directly (F.multi_head_attention_forward)",
+}
+# Parents with an inference fast path that reads the children's weights directly but falls back to calling
+# them when a forward hook is present; wrapped children get a no-op pre-hook so dendrites stay live.
+_FAST_PATH_PARENTS = (nn.TransformerEncoderLayer,)
+
+_RECORD = "_dendrite_record"
+
+
+@dataclass
+class _Record:
+    """What add_dendrites did to a model, kept on the model so remove/summary/save can use it."""
+
+    config: DendriteConfig
+    skipped: Dict[str, str] = field(default_factory=dict)
+    # (object, attribute, original value) to set back on removal.
+    restore: List[Tuple[nn.Module, str, object]] = field(default_factory=list)
+
+
+def _fast_path_guard(module, args):
+    """A no-op forward pre-hook; its presence makes nn.TransformerEncoderLayer take its slow path."""
+    return None
+
+
+def _refs(model: nn.Module):
+    """Every (parent, attribute) reference to every submodule, and each module's paths, in model order."""
+    refs: Dict[int, List[Tuple[nn.Module, str]]] = defaultdict(list)
+    paths: Dict[int, List[str]] = defaultdict(list)
+    parents: Dict[int, List[nn.Module]] = defaultdict(list)
+    for pname, parent in model.named_modules(remove_duplicate=False):
+        for attr, child in parent._modules.items():
+            if child is None:
+                continue
+            full = f"{pname}.{attr}" if pname else attr
+            if full not in paths[id(child)]:
+                paths[id(child)].append(full)
+            if not any(p is parent and a == attr for p, a in refs[id(child)]):
+                refs[id(child)].append((parent, attr))
+                parents[id(child)].append(parent)
+    return refs, paths, parents
+
+
+def _has_lazy(module: nn.Module) -> bool:
+    return any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters(recurse=False))
+
+
+def _explicit_name_match(paths: List[str], patterns) -> Optional[str]:
+    for p in patterns:
+        for n in paths:
+            if n == p or n.endswith("." + p):
+                return p
+    return None
+
+
+def add_dendrites(model: nn.Module, config: Optional[DendriteConfig] = None) -> nn.Module:
+    """Wrap every target layer of ``model`` in place with a :class:`DendriticLayer` holding zero dendrites.
+
+    The model computes exactly what it did before; :func:`grow` (or a
+    :class:`~torch_dendrites.GrowthController`) adds dendrites later. A module reachable at several paths
+    is wrapped once, and tied parameters stay tied (the original modules are kept, not copied).
+
+    Args:
+        model: any ``nn.Module``; the root itself is never wrapped (wrap its layers).
+        config: what to wrap; ``DendriteConfig()`` wraps every supported layer.
+
+    Returns:
+        ``model`` itself, modified in place.
+
+    Raises:
+        TargetError: nothing matched, or the model already has dendrites.
+        UnsupportedModuleError: a module type with no layer handler was targeted explicitly.
+        ConfigError: ``config`` is not a DendriteConfig.
+
+    Example:
+        >>> import torch, torch_dendrites as td
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> net = td.add_dendrites(net, td.DendriteConfig(exclude=["2"]))
+        >>> [type(m).__name__ for m in net]
+        ['DendriticLayer', 'ReLU', 'Linear']
+    """
+    cfg = DendriteConfig() if config is None else config
+    if not isinstance(cfg, DendriteConfig):
+        raise ConfigError(f"config must be a torch_dendrites.DendriteConfig, got {type(cfg).__name__}.")
+    if not isinstance(model, nn.Module):
+        raise TargetError(f"model must be an nn.Module, got {type(model).__name__}.")
+    if any(isinstance(m, DendriticLayer) for m in model.modules()):
+        raise TargetError("this model already has dendrites; call td.remove_dendrites(model) before adding again.")
+    for t in cfg.target_types or ():
+        if spec_for_type(t) is None:
+            raise UnsupportedModuleError(
+                f"target_types holds {t.__name__}, which has no dendrite handler. Supported types: "
+                f"{', '.join(supported_types())}. Register new ones with td.register_layer_type({t.__name__}, ...)."
+            )
+
+    refs, paths, parents = _refs(model)
+    selected: List[Tuple[nn.Module, str]] = []
+    skipped: Dict[str, str] = {}
+    selected_ids = set()
+    explicit = cfg.target_types is not None or cfg.target_names is not None or cfg.filter_fn is not None
+    for name, module in model.named_modules():
+        if module is model:
+            continue
+        mpaths = paths[id(module)]
+        spec = spec_for(module)
+        ancestor = next((p for p in selected_ids if _is_inside(name, p)), None)
+        if cfg.target_names is not None and spec is None:
+            hit = _explicit_name_match(mpaths, cfg.target_names)
+            if hit is not None:
+                inside = re.escape(name) + r"\..*"
+                raise UnsupportedModuleError(
+                    f"target_names entry {hit!r} names '{name}', a {type(module).__name__}, which has no dendrite "
+                    f"handler. Supported types: {', '.join(supported_types())}. To wrap the layers inside it, use "
+                    f"a regex such as {inside!r}; to support the type, call "
+                    f"td.register_layer_type({type(module).__name__}, ...)."
+                )
+        if spec is None:
+            continue
+        if ancestor is not None:
+            skipped[name] = f"inside wrapped layer '{ancestor}'"
+            continue
+        reader = next(
+            (why for par in parents[id(module)] for t, why in _DIRECT_WEIGHT_READERS.items() if isinstance(par, t)),
+            None,
+        )
+        if cfg.target_types is not None and not isinstance(module, cfg.target_types):
+            skipped[name] = "type not in target_types"
+            continue
+        if cfg.target_names is not None and not any(name_matches(n, cfg.target_names) for n in mpaths):
+            skipped[name] = "name not in target_names"
+            continue
+        if cfg.filter_fn is not None and not cfg.filter_fn(module, name):
+            skipped[name] = "filter_fn returned False"
+            continue
+        excl = next((p for p in cfg.exclude if any(name_matches(n, [p]) for n in mpaths)), None)
+        if excl is not None:
+            skipped[name] = f"excluded by {excl!r}"
+            continue
+        if reader is not None:
+            skipped[name] = f"not wrappable: {reader}"
+            continue
+        if _has_lazy(module):
+            raise TargetError(
+                f"'{name}' ({type(module).__name__}) has uninitialized lazy parameters; run one forward pass "
+                "to materialize them before td.add_dendrites."
+            )
+        selected.append((module, name))
+        selected_ids.add(name)
+
+    if not selected:
+        present = sorted({type(m).__name__ for m in model.modules() if m is not model})
+        why = "; ".join(f"{n}: {r}" for n, r in list(skipped.items())[:8])
+        d = cfg.to_dict()
+        raise TargetError(
+            "no module matched the dendrite config "
+            f"(target_types={d['target_types']}, target_names={d['target_names']}, "
+            f"filter_fn={d['filter_fn']}, exclude={d['exclude']}). Module types present: "
+            f"{', '.join(present) or 'none'}. Supported types: {', '.join(supported_types())}."
+            + (f" Skipped: {why}." if why else "")
+            + (" The root module itself is never wrapped: put it inside a container." if spec_for(model) else "")
+        )
+
+    # Build every wrapper before touching the model, so any failure leaves it as it was.
+    wrappers = []
+    for module, name in selected:
+        spec = spec_for(module)
+        layer = DendriticLayer(
+            module,
+            spec,
+            dendrite_type=cfg.dendrite_type,
+            activation=cfg.activation,
+            init_scale=cfg.init_scale,
+            neuron_axis=cfg.neuron_axis,
+            options=cfg.dendrite_options,
+        )
+        wrappers.append((module, layer))
+    record = _Record(config=cfg, skipped=skipped)
+    for module, layer in wrappers:
+        for parent, attr in refs[id(module)]:
+            setattr(parent, attr, layer)
+        if any(isinstance(p, _FAST_PATH_PARENTS) for p in parents[id(module)]):
+            layer.register_forward_pre_hook(_fast_path_guard)
+    # nn.TransformerEncoder's nested-tensor fast path reads its first layer's linear weights directly.
+    for enc in model.modules():
+        if isinstance(enc, nn.TransformerEncoder) and getattr(enc, "use_nested_tensor", False):
+            if any(isinstance(m, DendriticLayer) for m in enc.modules()):
+                record.restore.append((enc, "use_nested_tensor", enc.use_nested_tensor))
+                enc.use_nested_tensor = False
+    model.__dict__[_RECORD] = record
+    return model
+
+
+def _is_inside(name: str, ancestor: str) -> bool:
+    return name.startswith(ancestor + ".")
+
+
+def dendritic_layers(model: nn.Module) -> Dict[str, DendriticLayer]:
+    """Every wrapped layer of ``model`` by its first path (a shared layer appears once)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, DendriticLayer)}
+
+
+def remove_dendrites(model: nn.Module) -> nn.Module:
+    """Undo :func:`add_dendrites` in place: the original modules (same objects, same parameters) come back
+    and every dendrite is discarded.
+
+    Raises:
+        TargetError: the model has no dendrites.
+
+    Example:
+        >>> import torch, torch_dendrites as td
+        >>> lin = torch.nn.Linear(3, 3)
+        >>> net = td.remove_dendrites(td.add_dendrites(torch.nn.Sequential(lin)))
+        >>> net[0] is lin
+        True
+    """
+    refs, _, _ = _refs(model)
+    layers = [m for m in model.modules() if isinstance(m, DendriticLayer)]
+    if not layers:
+        raise TargetError("this model has no dendrites to remove (td.add_dendrites was not applied).")
+    record = getattr(model, _RECORD, None)
+    for layer in layers:
+        for parent, attr in refs[id(layer)]:
+            setattr(parent, attr, layer.base)
+    if record is not None:
+        for obj, attr, old in record.restore:
+            setattr(obj, attr, old)
+        del model.__dict__[_RECORD]
+    return model
+
+
+def grow(model: nn.Module, generator: Optional[torch.Generator] = None) -> int:
+    """Add one dendrite to every neuron of every wrapped layer, in place.
+
+    The model's function is unchanged at that moment (new output gains are zero). Rebuild the optimizer
+    afterwards: the new parameters are not in the old one.
+
+    Args:
+        model: a model prepared with :func:`add_dendrites`.
+        generator: optional ``torch.Generator`` (CPU) for the new weights, for reproducible growth.
+
+    Returns:
+        The number of parameters added.
+
+    Example:
+        >>> import torch, torch_dendrites as td
+        >>> net = td.add_dendrites(torch.nn.Sequential(torch.nn.Linear(4, 3)))
+        >>> td.grow(net)  # 3x4 weights + 3 biases + 3 output gains
+        18
+    """
+    layers = list(dendritic_layers(model).values())
+    if not layers:
+        raise TargetError("this model has no dendritic layers; call td.add_dendrites(model) first.")
+    return sum(layer.grow(generator) for layer in layers)
+
+
+def _param_counts(model: nn.Module) -> Tuple[int, int]:
+    dendrite_ids = {id(p) for layer in dendritic_layers(model).values() for p in layer.dendrite_parameters()}
+    base = dend = 0
+    for p in model.parameters():
+        if id(p) in dendrite_ids:
+            dend += p.numel()
+        else:
+            base += p.numel()
+    return base, dend
+
+
+@dataclass
+class Summary:
+    """What :func:`summary` reports; ``str()`` renders it as a table."""
+
+    wrapped: List[dict]
+    skipped: List[dict]
+    base_parameters: int
+    dendrite_parameters: int
+
+    @property
+    def total_parameters(self) -> int:
+        return self.base_parameters + self.dendrite_parameters
+
+    def to_dict(self) -> dict:
+        return {
+            "wrapped": self.wrapped,
+            "skipped": self.skipped,
+            "base_parameters": self.base_parameters,
+            "dendrite_parameters": self.dendrite_parameters,
+        }
+
+    def __str__(self) -> str:
+        lines = [f"{'layer':<32} {'type':<14} {'neurons':>8} {'dendrites':>9} {'dendrite params':>15}"]
+        for r in self.wrapped:
+            lines.append(
+                f"{r['name']:<32} {r['type']:<14} {r['neurons']:>8} {r['dendrites']:>9} {r['dendrite_parameters']:>15}"
+            )
+        for r in self.skipped:
+            lines.append(f"{r['name']:<32} {r['type']:<14} not wrapped: {r['reason']}")
+        lines.append(
+            f"parameters: base {self.base_parameters:,}, dendrites {self.dendrite_parameters:,}, "
+            f"total {self.total_parameters:,}"
+        )
+        return "\n".join(lines)
+
+
+def summary(model: nn.Module) -> Summary:
+    """What was wrapped, what was not and why, dendrites per layer, base vs dendrite parameter counts.
+
+    Example:
+        >>> import torch, torch_dendrites as td
+        >>> net = td.add_dendrites(torch.nn.Sequential(torch.nn.Linear(4, 3)))
+        >>> s = td.summary(net)
+        >>> s.wrapped[0]["name"], s.base_parameters, s.dendrite_parameters
+        ('0', 15, 0)
+    """
+    record = getattr(model, _RECORD, None)
+    modules = dict(model.named_modules())
+    wrapped = [
+        {
+            "name": name,
+            "type": type(layer.base).__name__,
+            "neurons": layer.num_neurons,
+            "dendrites": layer.num_dendrites,
+            "neuron_axis": layer.neuron_axis,
+            "dendrite_parameters": sum(p.numel() for p in layer.dendrite_parameters()),
+        }
+        for name, layer in dendritic_layers(model).items()
+    ]
+    skipped = []
+    if record is not None:
+        for name, reason in record.skipped.items():
+            m = modules.get(name)
+            skipped.append({"name": name, "type": type(m).__name__ if m is not None else "?", "reason": reason})
+    base, dend = _param_counts(model)
+    return Summary(wrapped=wrapped, skipped=skipped, base_parameters=base, dendrite_parameters=dend)

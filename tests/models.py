@@ -1,0 +1,136 @@
+"""The zoo of tiny models that drives the table-driven invariant tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import torch_dendrites as td
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class CNNBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, dilation=1, groups=2, padding_mode="circular", padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 4 * 4, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.flatten(1))
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 6, 5, stride=2, padding=2)
+        self.c2 = nn.Conv1d(6, 6, 3, dilation=2, groups=3)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.c2(torch.relu(self.c1(x)))).mean(-1))
+
+
+class Conv3dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv3d(1, 4, 3, padding=1)
+        self.c2 = nn.Conv3d(4, 4, (1, 3, 3), stride=(1, 2, 2), bias=False)
+
+    def forward(self, x):
+        return self.c2(torch.tanh(self.c1(x))).mean((2, 3, 4))
+
+
+class TokenMLP(nn.Module):
+    """An MLP applied per token of a [batch, tokens, features] input."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 12), nn.Linear(12, 8)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+class Shared(nn.Module):
+    """One Linear reachable at two paths, used twice per forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Linear(5, 5)
+        self.again = self.block
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.again(torch.relu(self.block(x)))))
+
+
+class Tied(nn.Module):
+    """An embedding whose weight is tied to the output projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.mid = nn.Linear(6, 6)
+        self.proj = nn.Linear(6, 11, bias=False)
+        self.proj.weight = self.emb.weight
+
+    def forward(self, idx):
+        return self.proj(torch.tanh(self.mid(self.emb(idx))))
+
+
+class Bilinearish(nn.Module):
+    """A user layer the library does not know: out = (x @ W^T) * gate."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out, n_in) / n_in**0.5)
+        self.gate = nn.Parameter(torch.ones(n_out))
+        self.out_features = n_out
+
+    def forward(self, x):
+        return (x @ self.weight.t()) * self.gate
+
+
+td.register_layer_type(Bilinearish, neuron_axis=-1)
+
+
+class CustomNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = Bilinearish(4, 7)
+        self.b = Bilinearish(7, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def transformer():
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    return nn.Sequential(nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=True), nn.Linear(8, 3))
+
+
+# name -> (factory, input factory, config)
+CASES = {
+    "mlp": (MLP, lambda: torch.randn(4, 6), None),
+    "cnn_bn": (CNNBN, lambda: torch.randn(3, 3, 8, 8), None),
+    "conv1d": (Conv1dNet, lambda: torch.randn(3, 2, 20), None),
+    "conv3d": (Conv3dNet, lambda: torch.randn(2, 1, 4, 6, 6), None),
+    "tokens": (TokenMLP, lambda: torch.randn(2, 5, 8), None),
+    "transformer": (transformer, lambda: torch.randn(2, 5, 8), None),
+    "shared": (Shared, lambda: torch.randn(4, 5), None),
+    "tied": (Tied, lambda: torch.randint(0, 11, (3, 4)), None),
+    "custom": (CustomNet, lambda: torch.randn(4, 4), td.DendriteConfig(target_types=[Bilinearish])),
+}

@@ -1,0 +1,259 @@
+"""Table-driven invariants over a zoo of tiny models (tests/models.py)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from models import CASES
+
+import torch_dendrites as td
+
+TOL = 1e-6
+
+
+def build(name, seed=0):
+    factory, make_x, cfg = CASES[name]
+    torch.manual_seed(seed)
+    model = factory().eval()
+    x = make_x()
+    return model, x, cfg
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+def train_a_little(model, x, steps=5):
+    """A few SGD steps on a fixed random target, so dendrite gains (and weights) move off zero."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with torch.no_grad():
+        target = torch.randn_like(model(x))
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), target).backward()
+        opt.step()
+    model.eval()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_insertion_and_growth_preserve_outputs(name):
+    model, x, cfg = build(name)
+    with torch.no_grad():
+        ref = model(x)
+    td.add_dendrites(model, cfg)
+    assert td.dendritic_layers(model), "nothing was wrapped"
+    with torch.no_grad():
+        assert max_diff(model(x), ref) <= TOL
+    for _ in range(3):
+        before = n_params(model)
+        added = td.grow(model)
+        assert added > 0
+        assert n_params(model) - before == added
+        with torch.no_grad():
+            assert max_diff(model(x), ref) <= TOL
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_remove_restores_classes_ids_and_outputs(name):
+    model, x, cfg = build(name)
+    classes = {n: type(m) for n, m in model.named_modules()}
+    ids = {n: id(p) for n, p in model.named_parameters()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = model(x)
+    td.add_dendrites(model, cfg)
+    td.grow(model)
+    td.grow(model)
+    td.remove_dendrites(model)
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    assert {n: id(p) for n, p in model.named_parameters()} == ids
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    with torch.no_grad():
+        assert max_diff(model(x), ref) == 0.0
+    assert not hasattr(model, "_dendrite_record")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_trained_dendrites_change_output_in_eval_mode(name):
+    model, x, cfg = build(name)
+    td.add_dendrites(model, cfg)
+    td.grow(model)
+    td.grow(model)
+    train_a_little(model, x)
+    # Zero every output gain: what remains is the model without its dendrites' contribution.
+    no_dend = copy.deepcopy(model)
+    for layer in td.dendritic_layers(no_dend).values():
+        for unit in layer.dendrites.units:
+            unit.out_gain.data.zero_()
+    with torch.no_grad():  # no_grad + eval is where PyTorch's fused fast paths kick in
+        assert max_diff(model(x), no_dend(x)) > 1e-5
+    gains = [u.out_gain for layer in td.dendritic_layers(model).values() for u in layer.dendrites.units]
+    assert all(g.abs().sum() > 0 for g in gains)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_gradients_reach_neurons_and_dendrites(name):
+    model, x, cfg = build(name)
+    td.add_dendrites(model, cfg)
+    td.grow(model)
+    td.grow(model)
+    train_a_little(model, x, steps=2)  # gains off zero, so dendrite input weights get gradient too
+    model.train()
+    model.zero_grad()
+    model(x).float().pow(2).sum().backward()
+    for name_, layer in td.dendritic_layers(model).items():
+        base_grads = [p.grad for p in layer.base.parameters()]
+        assert all(g is not None and g.abs().sum() > 0 for g in base_grads), name_
+        for unit in layer.dendrites.units:
+            for pname, p in unit.named_parameters():
+                assert p.grad is not None and p.grad.abs().sum() > 0, f"{name_}.{pname}"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_summary_counts(name):
+    model, x, cfg = build(name)
+    base = n_params(model)
+    td.add_dendrites(model, cfg)
+    added = td.grow(model)
+    s = td.summary(model)
+    assert s.base_parameters == base
+    assert s.dendrite_parameters == added
+    assert all(r["dendrites"] == 1 for r in s.wrapped)
+    assert "parameters: base" in str(s)
+
+
+def test_shared_module_wrapped_once_and_tied_weights_stay_tied():
+    model, x, _ = build("shared")
+    td.add_dendrites(model)
+    assert model.block is model.again
+    assert type(model.block).__name__ == "DendriticLayer"
+    assert len(td.dendritic_layers(model)) == 2  # block (= again) and out
+    tied, _, _ = build("tied")
+    td.add_dendrites(tied)
+    assert tied.proj.base.weight is tied.emb.weight
+    td.grow(tied)
+    train_a_little(tied, torch.randint(0, 11, (3, 4)))
+    assert tied.proj.base.weight is tied.emb.weight
+
+
+def test_multihead_attention_out_proj_is_skipped_and_reported():
+    model, x, _ = build("transformer")
+    td.add_dendrites(model)
+    s = td.summary(model)
+    skipped = {r["name"]: r["reason"] for r in s.skipped}
+    out_proj = [n for n in skipped if n.endswith("self_attn.out_proj")]
+    assert len(out_proj) == 2
+    assert all("reads out_proj.weight directly" in skipped[n] for n in out_proj)
+    wrapped = {r["name"] for r in s.wrapped}
+    assert {"0.layers.0.linear1", "0.layers.0.linear2", "1"} <= wrapped
+
+
+def test_transformer_fast_paths_keep_dendrites_live():
+    """Eval + no_grad would take nn.TransformerEncoder(Layer)'s fused path, which reads weights directly."""
+    model, x, _ = build("transformer")
+    td.add_dendrites(model, td.DendriteConfig(exclude=["1"]))
+    td.grow(model)
+    for layer in td.dendritic_layers(model).values():
+        for unit in layer.dendrites.units:
+            torch.nn.init.normal_(unit.out_gain)
+    no_dend = copy.deepcopy(model)
+    for layer in td.dendritic_layers(no_dend).values():
+        for unit in layer.dendrites.units:
+            unit.out_gain.data.zero_()
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[1, 3:] = True
+    with torch.no_grad():
+        assert max_diff(model(x), no_dend(x)) > 1e-3
+        a, b = model[0](x, src_key_padding_mask=mask), no_dend[0](x, src_key_padding_mask=mask)
+        assert max_diff(a[0], b[0]) > 1e-3
+    td.remove_dendrites(model)
+    assert model[0].use_nested_tensor is True
+
+
+def test_grouped_conv_matches_one_conv_per_dendrite():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 9, 3, groups=3, padding=1, stride=2)
+    model = td.add_dendrites(torch.nn.Sequential(conv))
+    for _ in range(3):
+        td.grow(model)
+    layer = model[0]
+    for u in layer.dendrites.units:
+        torch.nn.init.normal_(u.out_gain)
+        if u.cascade_gain is not None:
+            torch.nn.init.normal_(u.cascade_gain)
+    x = torch.randn(2, 6, 7, 7)
+    # Reference: the DESIGN.md formula, one ordinary convolution per dendrite.
+    y = conv(x)
+    s = []
+    for i, u in enumerate(layer.dendrites.units):
+        z = torch.nn.functional.conv2d(x, u.weight, u.bias, stride=2, padding=1, groups=3)
+        for j in range(i):
+            z = z + u.cascade_gain[j].view(-1, 1, 1) * s[j]
+        s.append(torch.sigmoid(z))
+        y = y + u.out_gain.view(-1, 1, 1) * s[i]
+    assert max_diff(model(x), y) < 1e-5
+
+
+def test_linear_cascade_matches_formula_on_tokens():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 5)
+    model = td.add_dendrites(torch.nn.Sequential(lin), td.DendriteConfig(activation="tanh"))
+    td.grow(model)
+    td.grow(model)
+    units = model[0].dendrites.units
+    for u in units:
+        torch.nn.init.normal_(u.out_gain)
+    torch.nn.init.normal_(units[1].cascade_gain)
+    x = torch.randn(2, 3, 4)
+    s0 = torch.tanh(x @ units[0].weight.t() + units[0].bias)
+    s1 = torch.tanh(x @ units[1].weight.t() + units[1].bias + units[1].cascade_gain[0] * s0)
+    ref = lin(x) + units[0].out_gain * s0 + units[1].out_gain * s1
+    assert max_diff(model(x), ref) < 1e-6
+
+
+def test_neuron_axis_override_and_wrong_axis_error():
+    # A linear layer applied to channels-first data after a transpose: neurons on axis -1 as usual,
+    # but a user may declare another axis; a wrong one raises a clear error at the first forward.
+    model = td.add_dendrites(torch.nn.Sequential(torch.nn.Linear(4, 3)), td.DendriteConfig(neuron_axis=-2))
+    td.grow(model)
+    with pytest.raises(td.StateError, match="neuron axis"):
+        model(torch.randn(5, 4))
+
+
+def test_unbatched_conv_input():
+    torch.manual_seed(0)
+    model = td.add_dendrites(torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3)))
+    td.grow(model)
+    torch.nn.init.normal_(model[0].dendrites.units[0].out_gain)
+    x = torch.randn(2, 6, 6)
+    assert max_diff(model(x), model(x[None])[0]) < 1e-6
+
+
+def test_seeded_growth_is_reproducible():
+    a = td.add_dendrites(torch.nn.Sequential(torch.nn.Linear(4, 3)))
+    b = td.add_dendrites(torch.nn.Sequential(torch.nn.Linear(4, 3)))
+    td.grow(a, torch.Generator().manual_seed(7))
+    td.grow(b, torch.Generator().manual_seed(7))
+    assert torch.equal(a[0].dendrites.units[0].weight, b[0].dendrites.units[0].weight)
+
+
+def test_truncate_drops_newest():
+    model = td.add_dendrites(torch.nn.Sequential(torch.nn.Linear(4, 3)))
+    p0 = n_params(model)
+    td.grow(model)
+    first = model[0].dendrites.units[0]
+    td.grow(model)
+    model[0].truncate(1)
+    assert model[0].dendrites.units[0] is first and model[0].num_dendrites == 1
+    model[0].truncate(0)
+    assert n_params(model) == p0
+    with pytest.raises(td.StateError):
+        model[0].truncate(2)

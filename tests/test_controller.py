@@ -63,7 +63,11 @@ def test_growth_restores_best_before_growing():
     for k, v in best.items():
         assert torch.equal(now[k], v), k
     # the new dendrite's gains are zero: the function equals the best epoch's
-    assert all(torch.count_nonzero(u.out_gain) == 0 for l in td.dendritic_layers(model).values() for u in l.dendrites.units)
+    assert all(
+        torch.count_nonzero(u.out_gain) == 0
+        for layer in td.dendritic_layers(model).values()
+        for u in layer.dendrites.units
+    )
 
 
 def test_useless_set_is_retried_then_done_on_best_weights():
@@ -224,7 +228,7 @@ def test_state_dict_round_trip_continues_identically():
         for i, s in enumerate(scores):
             if i == split:
                 sd_model, sd_ctl = state(model), ctl.state_dict()
-                counts = {n: l.num_dendrites for n, l in td.dendritic_layers(model).items()}
+                counts = {n: lay.num_dendrites for n, lay in td.dendritic_layers(model).items()}
                 model = tiny()
                 for n, layer in td.dendritic_layers(model).items():
                     while layer.num_dendrites < counts[n]:

@@ -13,6 +13,7 @@ Example:
 """
 
 from .config import DendriteConfig, GrowthConfig
+from .dendrites import register_dendrite_type
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -24,7 +25,6 @@ from .errors import (
 )
 from .growth import GrowthController, StepResult
 from .layer import DendriticLayer, LayerSpec, register_layer_type
-from .dendrites import register_dendrite_type
 from .persistence import load, save
 from .surgery import Summary, add_dendrites, dendritic_layers, grow, remove_dendrites, summary
 

@@ -133,9 +133,21 @@ class GrowthController:
         self.architectures: Dict[int, Dict[str, Any]] = {}
 
     _FIELDS = (
-        "epoch", "smoothed", "best_score", "best_epoch", "best_extras", "best_counts", "since_best",
-        "phase_start", "phase_grown", "phase_improved", "tries", "growths", "done", "history",
-    )  # fmt: skip
+        "epoch",
+        "smoothed",
+        "best_score",
+        "best_epoch",
+        "best_extras",
+        "best_counts",
+        "since_best",
+        "phase_start",
+        "phase_grown",
+        "phase_improved",
+        "tries",
+        "growths",
+        "done",
+        "history",
+    )
 
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to continue exactly where this controller stopped (best weights included)."""
@@ -326,8 +338,16 @@ class GrowthController:
         rows = []
         for k in sorted(self.architectures):
             a = self.architectures[k]
-            rows.append({"dendrites": k, "parameters": a["parameters"], "best_score": a["best_score"],
-                         "best_epoch": a["best_epoch"], "epochs": a["epochs"], **a["extras"]})  # fmt: skip
+            rows.append(
+                {
+                    "dendrites": k,
+                    "parameters": a["parameters"],
+                    "best_score": a["best_score"],
+                    "best_epoch": a["best_epoch"],
+                    "epochs": a["epochs"],
+                    **a["extras"],
+                }
+            )
         return rows
 
 
@@ -337,4 +357,3 @@ def _copy(v):
     if isinstance(v, list):
         return [_copy(x) for x in v]
     return v
-

@@ -56,7 +56,9 @@ class LayerSpec:
         """Names (no dots) of one dendrite's own weight tensors."""
         return [_flat(n) for n, _ in module.named_parameters()]
 
-    def init_params(self, module: nn.Module, scale: float, generator: Optional[torch.Generator]) -> Dict[str, torch.Tensor]:
+    def init_params(
+        self, module: nn.Module, scale: float, generator: Optional[torch.Generator]
+    ) -> Dict[str, torch.Tensor]:
         """Fresh weights for one dendrite: PyTorch's default uniform init (bound 1/sqrt(fan_in)) times scale."""
         named = list(module.named_parameters())
         fan_in = next((p[0].numel() for _, p in named if p.dim() >= 2), None)
@@ -297,9 +299,7 @@ class DendriticLayer(nn.Module):
         if isinstance(num_dendrites, bool) or not isinstance(num_dendrites, int) or num_dendrites < 0:
             raise StateError(f"num_dendrites={num_dendrites!r} must be an int >= 0.")
         if num_dendrites > self.num_dendrites:
-            raise StateError(
-                f"cannot truncate to {num_dendrites} dendrites: the layer has only {self.num_dendrites}."
-            )
+            raise StateError(f"cannot truncate to {num_dendrites} dendrites: the layer has only {self.num_dendrites}.")
         self.dendrites.truncate(num_dendrites)
 
     def dendrite_parameters(self):
@@ -307,4 +307,6 @@ class DendriticLayer(nn.Module):
         return self.dendrites.parameters()
 
     def extra_repr(self) -> str:
-        return f"dendrite_type={self.dendrite_type!r}, num_dendrites={self.num_dendrites}, neuron_axis={self.neuron_axis}"
+        return (
+            f"dendrite_type={self.dendrite_type!r}, num_dendrites={self.num_dendrites}, neuron_axis={self.neuron_axis}"
+        )

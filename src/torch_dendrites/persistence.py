@@ -297,21 +297,20 @@ def _apply_structure(model: nn.Module, recipe: Dict[str, Any], path: Path) -> bo
                 "build the same architecture that was saved."
             )
     first = layers[0]
-    for entry in layers:
-        for key in ("dendrite_type", "activation", "init_scale", "neuron_axis"):
-            if entry[key] != first[key]:
-                raise CheckpointError(f"{path}: layers disagree on {key}; this recipe was not written by td.save.")
+    if any(entry["dendrite_type"] != first["dendrite_type"] for entry in layers):
+        raise CheckpointError(f"{path}: layers disagree on dendrite_type; this recipe was not written by td.save.")
     try:
-        cfg = DendriteConfig(
-            filter_fn=lambda m, n: n in wanted,
-            dendrite_type=first["dendrite_type"],
-            activation=first["activation"],
-            init_scale=float(first["init_scale"]),
-            neuron_axis=first["neuron_axis"],
-        )
+        cfg = DendriteConfig(filter_fn=lambda m, n: n in wanted, dendrite_type=first["dendrite_type"])
+        for entry in layers:  # validates each layer's settings before anything is changed
+            DendriteConfig(activation=entry["activation"], init_scale=float(entry["init_scale"]))
     except DendriteError as exc:
         raise CheckpointError(f"{path / RECIPE} holds an invalid layer setting: {exc}") from None
     add_dendrites(model, cfg)
+    for name, layer in dendritic_layers(model).items():
+        entry = wanted[name]
+        layer.neuron_axis = entry["neuron_axis"]
+        layer.dendrites.activation = entry["activation"]
+        layer.dendrites.init_scale = float(entry["init_scale"])
     return True
 
 
@@ -380,4 +379,3 @@ def load(path: Union[str, Path], model: nn.Module, controller=None) -> nn.Module
             _set_counts(model, counts_before)
         raise
     return model
-

@@ -64,10 +64,15 @@ class Reporter:
         for k in sorted(architectures):
             a = architectures[k]
             rows.append(
-                {"dendrites": k, "parameters": a["parameters"], "best_validation": a["best_score"],
-                 "best_epoch": a["best_epoch"], "epochs": a["epochs"],
-                 **{f"{n}_at_best": v for n, v in a["extras"].items()}}
-            )  # fmt: skip
+                {
+                    "dendrites": k,
+                    "parameters": a["parameters"],
+                    "best_validation": a["best_score"],
+                    "best_epoch": a["best_epoch"],
+                    "epochs": a["epochs"],
+                    **{f"{n}_at_best": v for n, v in a["extras"].items()},
+                }
+            )
         cols = ["dendrites", "parameters", "best_validation", "best_epoch", "epochs"]
         for r in rows:
             cols += [c for c in r if c not in cols]

@@ -120,14 +120,13 @@ def add_dendrites(model: nn.Module, config: Optional[DendriteConfig] = None) -> 
     refs, paths, parents = _refs(model)
     selected: List[Tuple[nn.Module, str]] = []
     skipped: Dict[str, str] = {}
-    selected_ids = set()
-    explicit = cfg.target_types is not None or cfg.target_names is not None or cfg.filter_fn is not None
+    selected_names: List[str] = []
     for name, module in model.named_modules():
         if module is model:
             continue
         mpaths = paths[id(module)]
         spec = spec_for(module)
-        ancestor = next((p for p in selected_ids if _is_inside(name, p)), None)
+        ancestor = next((p for p in selected_names if _is_inside(name, p)), None)
         if cfg.target_names is not None and spec is None:
             hit = _explicit_name_match(mpaths, cfg.target_names)
             if hit is not None:
@@ -169,7 +168,7 @@ def add_dendrites(model: nn.Module, config: Optional[DendriteConfig] = None) -> 
                 "to materialize them before td.add_dendrites."
             )
         selected.append((module, name))
-        selected_ids.add(name)
+        selected_names.append(name)
 
     if not selected:
         present = sorted({type(m).__name__ for m in model.modules() if m is not model})
@@ -186,7 +185,7 @@ def add_dendrites(model: nn.Module, config: Optional[DendriteConfig] = None) -> 
 
     # Build every wrapper before touching the model, so any failure leaves it as it was.
     wrappers = []
-    for module, name in selected:
+    for module, _name in selected:
         spec = spec_for(module)
         layer = DendriticLayer(
             module,

@@ -86,9 +86,9 @@ class CascadeDendrites(nn.Module):
         for i, d in enumerate(ds):
             z = a.select(p, i)
             for j in range(i):
-                z = z + d.cascade_gain[j].view(gain_shape) * s[j]
+                z = torch.addcmul(z, d.cascade_gain[j].view(gain_shape), s[j])
             s.append(act(z))
-            out = out + d.out_gain.view(gain_shape) * s[i]
+            out = torch.addcmul(out, d.out_gain.view(gain_shape), s[i])
         return out
 
     def extra_repr(self) -> str:

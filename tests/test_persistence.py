@@ -1,0 +1,146 @@
+"""td.save / td.load: exact round trips into freshly built models; clear errors that change nothing."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from models import CASES
+
+import torch_dendrites as td
+
+
+def grown(name, sets=2, seed=0):
+    factory, make_x, cfg = CASES[name]
+    torch.manual_seed(seed)
+    model = td.add_dendrites(factory().eval(), cfg)
+    for _ in range(sets):
+        td.grow(model)
+    with torch.no_grad():  # as if trained: every parameter non-trivial
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model, make_x()
+
+
+def fresh(name, seed=123):
+    torch.manual_seed(seed)  # other random weights: the load must overwrite all of them
+    return CASES[name][0]().eval()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_round_trip_is_bitwise(tmp_path, name):
+    model, x = grown(name)
+    td.save(tmp_path / "m", model)
+    loaded = td.load(tmp_path / "m", fresh(name))
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert td.summary(model).wrapped == td.summary(loaded).wrapped
+    assert td.summary(model).dendrite_parameters == td.summary(loaded).dendrite_parameters
+
+
+def test_tied_weights_stay_tied_after_load(tmp_path):
+    model, _ = grown("tied")
+    td.save(tmp_path / "m", model)
+    loaded = td.load(tmp_path / "m", fresh("tied"))
+    assert loaded.proj.base.weight is loaded.emb.weight
+
+
+def test_wrong_base_model_is_refused_and_untouched(tmp_path):
+    model, _ = grown("mlp")
+    td.save(tmp_path / "m", model)
+    other = fresh("cnn_bn")
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    classes = {n: type(m) for n, m in other.named_modules()}
+    with pytest.raises(td.CheckpointError, match="does not exist"):
+        td.load(tmp_path / "m", other)
+    assert {n: type(m) for n, m in other.named_modules()} == classes
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in before.items())
+
+
+def test_shape_mismatch_is_refused_and_untouched(tmp_path):
+    model, _ = grown("mlp")
+    td.save(tmp_path / "m", model)
+    narrow = fresh("mlp")
+    narrow.fc2 = torch.nn.Linear(16, 16)  # same names ...
+    narrow.fc3 = torch.nn.Linear(16, 5)  # ... but another shape
+    before = {k: v.clone() for k, v in narrow.state_dict().items()}
+    with pytest.raises(td.CheckpointError, match="shape"):
+        td.load(tmp_path / "m", narrow)
+    assert not td.dendritic_layers(narrow)
+    assert all(torch.equal(narrow.state_dict()[k], v) for k, v in before.items())
+
+
+def test_pickle_payload_is_never_executed(tmp_path):
+    model, _ = grown("mlp")
+    folder = td.save(tmp_path / "m", model)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    for name in ("model.safetensors", "recipe.json"):
+        target = tmp_path / f"copy_{name}"
+        import shutil
+
+        shutil.copytree(folder, target)
+        (target / name).write_bytes(pickle.dumps(Payload()))
+        with pytest.raises(td.CheckpointError):
+            td.load(target, fresh("mlp"))
+        assert not marker.exists()
+
+
+def test_truncated_weights_and_edited_recipe(tmp_path):
+    model, _ = grown("mlp")
+    folder = td.save(tmp_path / "m", model)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(td.CheckpointError, match="truncated"):
+        td.load(folder, fresh("mlp"))
+    folder = td.save(tmp_path / "n", model)
+    recipe = json.loads((folder / "recipe.json").read_text())
+    recipe["layers"][0]["num_dendrites"] = "two"
+    (folder / "recipe.json").write_text(json.dumps(recipe))
+    with pytest.raises(td.CheckpointError, match="num_dendrites"):
+        td.load(folder, fresh("mlp"))
+    recipe["layers"][0]["num_dendrites"] = 3  # one more than the weights hold
+    (folder / "recipe.json").write_text(json.dumps(recipe))
+    m = fresh("mlp")
+    with pytest.raises(td.CheckpointError, match="missing keys"):
+        td.load(folder, m)
+    assert not td.dendritic_layers(m)
+    recipe["format_version"] = 99
+    (folder / "recipe.json").write_text(json.dumps(recipe))
+    with pytest.raises(td.CheckpointError, match="newer"):
+        td.load(folder, fresh("mlp"))
+
+
+def test_ddp_and_compile_prefixes_accepted(tmp_path):
+    model, x = grown("mlp")
+    holder = torch.nn.Module()
+    holder.module = torch.nn.Module()
+    holder.module._orig_mod = model
+    from safetensors.torch import save_file
+
+    folder = td.save(tmp_path / "m", model)
+    state = {f"module._orig_mod.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+    loaded = td.load(folder, fresh("mlp"))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_controller_round_trip(tmp_path):
+    model, x = grown("mlp", sets=0)
+    ctl = td.GrowthController(model, td.GrowthConfig(patience=1, seed=3))
+    for s in (0.1, 0.2, 0.2, 0.3):
+        ctl.step(s, test=s / 2)
+    td.save(tmp_path / "m", model, ctl)
+    m2 = fresh("mlp")
+    c2 = td.GrowthController(td.add_dendrites(fresh("mlp")), td.GrowthConfig(patience=1, seed=3))
+    td.remove_dendrites(c2.model)
+    td.load(tmp_path / "m", m2, c2)
+    assert c2.history == ctl.history and c2.epoch == ctl.epoch and c2.best_score == ctl.best_score
+    assert all(torch.equal(c2.best_state[k], v) for k, v in ctl.best_state.items())

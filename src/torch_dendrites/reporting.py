@@ -86,35 +86,54 @@ class Reporter:
         return plot_history(history, self.out_dir / "growth.png")
 
 
-def plot_history(history: List[Dict[str, Any]], path: Path) -> Path:
-    """Scores against epochs, a vertical line at each growth, the parameter count on a second axis."""
-    import matplotlib
+def _same_scale(values: List[float], ref: List[float]) -> bool:
+    lo, hi = min(ref), max(ref)
+    pad = max(hi - lo, 1e-12)
+    return min(values) <= hi + pad and max(values) >= lo - pad
 
-    matplotlib.use("Agg", force=False)
+
+def plot_history(history: List[Dict[str, Any]], path: Path) -> Path:
+    """Scores against epochs with a vertical line at each growth and the parameter count on a second axis.
+
+    Extra scores on the validation score's scale (e.g. test accuracy) share its panel; others (e.g. a
+    training loss) get a panel of their own below.
+    """
     from matplotlib.figure import Figure
 
-    # A bare Figure (no pyplot): no global figure registry, safe off the main thread.
-    fig = Figure(figsize=(8, 4.5), dpi=100)
-    ax = fig.add_subplot(1, 1, 1)
     epochs = [r["epoch"] for r in history]
-    ax.plot(epochs, [r["score"] for r in history], label="validation", color="C0")
-    extra = [c for c in _columns(history) if c not in _BASE_COLUMNS]
-    for i, name in enumerate(extra):
-        pts = [(r["epoch"], r[name]) for r in history if name in r and r[name] != ""]
+    val = [r["score"] for r in history]
+    extras = {}
+    for name in (c for c in _columns(history) if c not in _BASE_COLUMNS):
+        pts = [(r["epoch"], r[name]) for r in history if r.get(name, "") != ""]
         if pts:
-            ax.plot(*zip(*pts), label=name, color=f"C{i + 2}", alpha=0.8)
-    for r in history:
-        if r["event"] in ("grow", "retry"):
-            ax.axvline(r["epoch"] + 0.5, color="k" if r["event"] == "grow" else "r", ls="--", lw=0.8)
-    ax.set_xlabel("epoch")
+            extras[name] = pts
+    top = {n: p for n, p in extras.items() if _same_scale([v for _, v in p], val)}
+    bottom = {n: p for n, p in extras.items() if n not in top}
+    # A bare Figure (no pyplot): no global figure registry, safe off the main thread.
+    fig = Figure(figsize=(8, 6 if bottom else 4.5), dpi=100)
+    axes = fig.subplots(2 if bottom else 1, 1, sharex=True, squeeze=False)[:, 0]
+    ax = axes[0]
+    ax.plot(epochs, val, label="validation", color="C0")
+    for i, (name, pts) in enumerate(top.items()):
+        ax.plot(*zip(*pts), label=name, color=f"C{i + 2}", alpha=0.8)
+    for i, (name, pts) in enumerate(bottom.items()):
+        axes[1].plot(*zip(*pts), label=name, color=f"C{i + 2 + len(top)}")
+    for a in axes:
+        for r in history:
+            if r["event"] in ("grow", "retry"):
+                a.axvline(r["epoch"] + 0.5, color="k" if r["event"] == "grow" else "r", ls="--", lw=0.8)
     ax.set_ylabel("score")
     ax2 = ax.twinx()
     ax2.step(epochs, [r["parameters"] for r in history], where="post", color="C1", label="parameters")
     ax2.set_ylabel("parameters")
-    lines = ax.get_legend_handles_labels()
-    lines2 = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="lower right", fontsize=8)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="lower right", fontsize=8)
     ax.set_title("validation score and growth (dashed: growth, red: retry)")
+    if bottom:
+        axes[1].legend(loc="upper right", fontsize=8)
+        axes[1].set_ylabel("other scores")
+    axes[-1].set_xlabel("epoch")
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.png")

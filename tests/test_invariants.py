@@ -257,3 +257,18 @@ def test_truncate_drops_newest():
     assert n_params(model) == p0
     with pytest.raises(td.StateError):
         model[0].truncate(2)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
+@pytest.mark.parametrize("shape,p", [((4, 3, 5), 1), ((2, 4, 3, 5), 2), ((2, 3, 5, 4, 4), 1), ((1, 5), 0)])
+def test_cascade_backward_passes_gradcheck(activation, shape, p):
+    """The hand-written cascade backward against finite differences (float64)."""
+    from torch_dendrites.dendrites.cascade import _Cascade
+
+    torch.manual_seed(0)
+    k, c = shape[p], shape[p + 1]
+    a = torch.randn(*shape, dtype=torch.double, requires_grad=True)
+    y = torch.randn(*shape[:p], *shape[p + 1 :], dtype=torch.double, requires_grad=True)
+    v = torch.randn(k, c, dtype=torch.double, requires_grad=True)
+    us = [torch.randn(i, c, dtype=torch.double, requires_grad=True) for i in range(1, k)]
+    assert torch.autograd.gradcheck(lambda a, y, v, *u: _Cascade.apply(a, y, v, p, activation, *u), (a, y, v, *us))

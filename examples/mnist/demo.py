@@ -129,7 +129,9 @@ def plot(results, path: Path) -> None:
     for i, r in enumerate(results):
         h = r["history"]
         style = dict(lw=3.0, alpha=0.5) if r["arm"] == "baseline" else dict(lw=1.3)  # visible under overlaps
-        ax.plot([row["epoch"] for row in h], [row["score"] for row in h], color=f"C{i}", label=f"{r['arm']} (val)", **style)
+        ax.plot(
+            [row["epoch"] for row in h], [row["score"] for row in h], color=f"C{i}", label=f"{r['arm']} (val)", **style
+        )
         for row in h:
             if row["event"] in ("grow", "retry"):
                 ax.axvline(row["epoch"] + 0.5, color=f"C{i}", ls="--", lw=0.8)

@@ -295,3 +295,16 @@ def test_controller_rejects_bad_setup():
 def test_growth_config_validation_names_the_field(kwargs, field):
     with pytest.raises(td.ConfigError, match=field):
         td.GrowthConfig(**kwargs)
+
+
+def test_figure_is_drawn_only_at_growth_and_done(tmp_path, monkeypatch):
+    from torch_dendrites import reporting
+
+    calls = []
+    real = reporting.Reporter.plot
+    monkeypatch.setattr(reporting.Reporter, "plot", lambda self, h: calls.append(h[-1]["event"]) or real(self, h))
+    model = tiny()
+    ctl = td.GrowthController(model, td.GrowthConfig(patience=2, max_dendrites=1), out_dir=tmp_path)
+    res = run(model, ctl, [0.1, 0.2, 0.3, 0.3, 0.3, 0.4, 0.4, 0.4])
+    assert [r.event for r in res] == ["", "", "", "", "grow", "", "", "done"]
+    assert calls == ["grow", "done"]

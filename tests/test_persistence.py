@@ -144,3 +144,85 @@ def test_controller_round_trip(tmp_path):
     td.load(tmp_path / "m", m2, c2)
     assert c2.history == ctl.history and c2.epoch == ctl.epoch and c2.best_score == ctl.best_score
     assert all(torch.equal(c2.best_state[k], v) for k, v in ctl.best_state.items())
+
+
+def test_summary_identical_after_load(tmp_path):
+    factory, make_x, _ = CASES["transformer"]
+    torch.manual_seed(0)
+    model = td.add_dendrites(factory().eval(), td.DendriteConfig(exclude=["1"]))
+    td.grow(model)
+    td.save(tmp_path / "m", model)
+    loaded = td.load(tmp_path / "m", fresh("transformer"))
+    assert str(td.summary(loaded)) == str(td.summary(model))
+
+
+@pytest.mark.parametrize("bad_path", ["../../etc/passwd", "fc1/../../x", "fc1; rm -rf", "", "a..b"])
+def test_path_traversal_and_odd_layer_names_are_refused(tmp_path, bad_path):
+    model, _ = grown("mlp")
+    folder = td.save(tmp_path / "m", model)
+    recipe = json.loads((folder / "recipe.json").read_text())
+    recipe["layers"][0]["path"] = bad_path
+    (folder / "recipe.json").write_text(json.dumps(recipe))
+    m = fresh("mlp")
+    with pytest.raises(td.CheckpointError, match="module path"):
+        td.load(folder, m)
+    assert not td.dendritic_layers(m)
+
+
+def test_optimizer_scheduler_rng_round_trip(tmp_path):
+    import random
+
+    import numpy as np
+
+    model, x = grown("mlp")
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).pow(2).sum().backward()
+        opt.step()
+        sched.step()
+    gen = torch.Generator().manual_seed(5)
+    gen.manual_seed(9)
+    torch.manual_seed(11)
+    random.seed(12)
+    np.random.seed(13)
+    td.save(tmp_path / "m", model, optimizer=opt, scheduler=sched, rng=True, generators={"g": gen}, extra={"k": 1})
+    expect = (torch.rand(3), random.random(), np.random.rand(), torch.rand(2, generator=gen))
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    gen2 = torch.Generator()
+    m2 = td.load(tmp_path / "m", fresh("mlp"))
+    opt2 = torch.optim.Adam(m2.parameters(), lr=0.5)
+    sched2 = torch.optim.lr_scheduler.StepLR(opt2, step_size=7, gamma=0.1)
+    extra = td.persistence.load_training_state(
+        tmp_path / "m", optimizer=opt2, scheduler=sched2, rng=True, generators={"g": gen2}
+    )
+    assert extra == {"k": 1}
+    got = (torch.rand(3), random.random(), np.random.rand(), torch.rand(2, generator=gen2))
+    assert torch.equal(got[0], expect[0]) and got[1] == expect[1] and got[2] == expect[2]
+    assert torch.equal(got[3], expect[3])
+    assert sched2.state_dict() == sched.state_dict()
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    for p, q in zip(model.parameters(), m2.parameters()):
+        s, t = opt.state[p], opt2.state[q]
+        assert all(torch.equal(s[k], t[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+    # one more identical step from both
+    for o, m in ((opt, model), (opt2, m2)):
+        o.zero_grad()
+        m(x).pow(2).sum().backward()
+        o.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), m2.parameters()))
+
+
+def test_stale_optimizer_is_refused_by_save_latest(tmp_path):
+    model, _ = grown("mlp", sets=1)
+    ctl = td.GrowthController(model, td.GrowthConfig(patience=1, max_dendrites=3), out_dir=tmp_path)
+    ctl.step(0.5)
+    assert ctl.step(0.5).event == "grow"
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # rebuilt after growth, as it should be
+    ctl.save_latest(opt)
+    assert ctl.step(0.4).event == "retry"  # the failed set is removed: `opt` now holds stale parameters
+    with pytest.raises(td.StateError, match="rebuild"):
+        ctl.save_latest(opt)

@@ -20,7 +20,7 @@ from .config import GrowthConfig
 from .errors import ConfigError, ScoreError, StateError, TargetError
 from .surgery import dendritic_layers
 
-__all__ = ["GrowthController", "StepResult"]
+__all__ = ["GrowthController", "Resumed", "StepResult"]
 
 _STATE_VERSION = 1
 
@@ -51,6 +51,25 @@ class StepResult:
     num_dendrites: int
     parameters: int
     event: str = ""
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What :meth:`GrowthController.resume` restored.
+
+    Attributes:
+        resumed: a checkpoint was found and restored (False: a fresh start).
+        optimizer: the optimizer built by ``make_optimizer`` (with its saved state, if resumed).
+        scheduler: the scheduler built by ``make_scheduler`` (with its saved state, if resumed).
+        epoch: epochs already stepped (0 for a fresh start).
+        extra: the ``extra`` dict saved with :meth:`GrowthController.save_latest`.
+    """
+
+    resumed: bool
+    optimizer: Any
+    scheduler: Any
+    epoch: int
+    extra: Dict[str, Any]
 
 
 def _as_score(name: str, value: Any) -> float:
@@ -158,22 +177,29 @@ class GrowthController:
         state["best_state"] = None if self.best_state is None else dict(self.best_state)
         return state
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; the model must already have the saved dendrite structure."""
+    def _check_state(self, state: Any) -> None:
         if not isinstance(state, dict):
             raise StateError(f"state must be a dict from GrowthController.state_dict(), got {type(state).__name__}.")
         missing = [k for k in (*self._FIELDS, "architectures", "best_state", "version") if k not in state]
         if missing:
             raise StateError(f"controller state is missing {missing}; pass a dict from GrowthController.state_dict().")
-        if state["version"] > _STATE_VERSION:
+        version = state["version"]
+        if isinstance(version, bool) or not isinstance(version, int) or version > _STATE_VERSION:
             raise StateError(
-                f"controller state version {state['version']} is newer than this library's ({_STATE_VERSION}); "
+                f"controller state version {version!r} is not one this library reads ({_STATE_VERSION}); "
                 "upgrade torch-dendrites."
             )
+        if not isinstance(state["history"], list) or not isinstance(state["architectures"], dict):
+            raise StateError("controller state has a malformed history or architectures entry.")
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the model must already have the saved dendrite structure."""
+        self._check_state(state)
         for k in self._FIELDS:
             setattr(self, k, _copy(state[k]))
         self.architectures = {int(k): dict(v) for k, v in state["architectures"].items()}
         self.best_state = None if state["best_state"] is None else dict(state["best_state"])
+        self._reporter = None  # a fresh reporter rewrites the CSV files from the restored history
 
     # ----------------------------------------------------------------- queries
     @property
@@ -327,11 +353,97 @@ class GrowthController:
         self._reporter.write_history(self.history)
         self._reporter.write_architectures(self.architectures)
         if improved:
-            from .persistence import save_checkpoint
+            from .persistence import save
 
-            save_checkpoint(self.out_dir / "best", self.model)
+            save(self.out_dir / "best", self.model)
         if event in ("grow", "retry", "done"):
             self._reporter.plot(self.history)
+
+    # ----------------------------------------------------------------- checkpoints
+    def _need_out_dir(self, what: str) -> Path:
+        if self.out_dir is None:
+            raise StateError(f"{what} needs the controller's out_dir; pass out_dir= to GrowthController.")
+        return self.out_dir
+
+    def save_latest(
+        self,
+        optimizer: Any = None,
+        scheduler: Any = None,
+        generators: Optional[Dict[str, torch.Generator]] = None,
+        extra: Optional[Dict[str, Any]] = None,
+    ) -> Path:
+        """Write ``out_dir/latest`` atomically: model, controller, optimizer, scheduler and RNG states.
+
+        Call it at the end of each epoch, after ``step`` (and after rebuilding the optimizer if ``step``
+        said ``restructured``). Only ``best/`` and ``latest/`` are kept, whatever the run's length.
+
+        Returns:
+            The folder written.
+        """
+        from .persistence import save
+
+        out = self._need_out_dir("save_latest")
+        if optimizer is not None:
+            mine = {id(p) for p in self.model.parameters()}
+            if any(id(p) not in mine for g in optimizer.param_groups for p in g["params"]):
+                raise StateError(
+                    "the optimizer holds parameters the model no longer has; rebuild it after a step that "
+                    "returned restructured=True, then call save_latest."
+                )
+        return save(
+            out / "latest", self.model, self, optimizer=optimizer, scheduler=scheduler, rng=True,
+            generators=generators, extra=extra,
+        )  # fmt: skip
+
+    def resume(
+        self,
+        make_optimizer: Optional[Any] = None,
+        make_scheduler: Optional[Any] = None,
+        generators: Optional[Dict[str, torch.Generator]] = None,
+    ) -> Resumed:
+        """Continue a run from ``out_dir/latest`` if there is one, else start fresh.
+
+        Restores the model (dendrite structure and weights), this controller, the RNG states and the named
+        ``generators``; then builds the optimizer with ``make_optimizer(model)`` (and the scheduler with
+        ``make_scheduler(optimizer)``) and loads their saved states. The current ``GrowthConfig`` is kept.
+
+        Example:
+            >>> import tempfile, torch, torch_dendrites as td
+            >>> out = tempfile.mkdtemp()
+            >>> net = td.add_dendrites(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+            >>> ctl = td.GrowthController(net, td.GrowthConfig(patience=1), out_dir=out)
+            >>> adam = lambda m: torch.optim.Adam(m.parameters())
+            >>> r = ctl.resume(adam)  # nothing saved yet: a fresh start
+            >>> r.resumed, r.epoch
+            (False, 0)
+            >>> _ = ctl.step(0.5)
+            >>> ctl.step(0.4).restructured  # grew one dendrite set: rebuild the optimizer
+            True
+            >>> _ = ctl.save_latest(adam(net))
+            >>> net2 = td.add_dendrites(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+            >>> ctl2 = td.GrowthController(net2, td.GrowthConfig(patience=1), out_dir=out)
+            >>> r2 = ctl2.resume(adam)
+            >>> r2.resumed, r2.epoch, net2[0].num_dendrites
+            (True, 2, 1)
+        """
+        from .errors import CheckpointError
+        from .persistence import _resolve, load, load_training_state
+
+        out = self._need_out_dir("resume")
+        try:
+            folder = _resolve(out / "latest")
+        except CheckpointError:
+            folder = None
+        extra: Dict[str, Any] = {}
+        if folder is not None:
+            load(folder, self.model, self)
+        optimizer = make_optimizer(self.model) if make_optimizer is not None else None
+        scheduler = make_scheduler(optimizer) if make_scheduler is not None else None
+        if folder is not None:
+            extra = load_training_state(
+                folder, optimizer=optimizer, scheduler=scheduler, rng=True, generators=generators
+            )
+        return Resumed(folder is not None, optimizer, scheduler, self.epoch, extra)
 
     def architecture_table(self) -> List[Dict[str, Any]]:
         """Per dendrite count: parameters, best validation, extra scores at that epoch, epochs trained."""

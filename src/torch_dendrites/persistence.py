@@ -2,14 +2,21 @@
 
 ``save`` writes ``recipe.json`` (format version, library version, the dendrite config and, per wrapped
 layer, its path, type, dendrite count and neuron axis) and ``model.safetensors``; with a controller also
-``controller.json`` and ``controller.safetensors`` (its best weights). ``load`` takes a freshly built base
-model, re-applies the structure from the recipe and loads strictly. Nothing here ever unpickles.
+``controller.json`` and ``controller.safetensors`` (its best weights); with an optimizer, scheduler, RNG
+or generator states also ``training.json`` and ``training.safetensors``. ``load`` takes a freshly built
+base model, re-applies the structure from the recipe and loads strictly. Nothing here ever unpickles:
+JSON is parsed by ``json`` and tensors by safetensors.
+
+Every folder is written beside its final place and swapped in with renames, so a crash at any moment
+leaves either the previous copy or the new one readable.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -24,7 +31,7 @@ from .errors import CheckpointError, DendriteError
 from .layer import spec_for
 from .surgery import _RECORD, add_dendrites, dendritic_layers, remove_dendrites
 
-__all__ = ["save", "load", "save_checkpoint"]
+__all__ = ["save", "load", "load_training_state"]
 
 FORMAT = "torch-dendrites"
 FORMAT_VERSION = 1
@@ -32,6 +39,9 @@ RECIPE = "recipe.json"
 WEIGHTS = "model.safetensors"
 CONTROLLER_JSON = "controller.json"
 CONTROLLER_WEIGHTS = "controller.safetensors"
+TRAINING_JSON = "training.json"
+TRAINING_WEIGHTS = "training.safetensors"
+_MODULE_PATH = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 _MAX_JSON_BYTES = 64 * 1024 * 1024
 
 
@@ -63,6 +73,7 @@ def _recipe(model: nn.Module) -> Dict[str, Any]:
         "library_version": _library_version(),
         "dendrite_config": None if record is None else record.config.to_dict(),
         "layers": layers,
+        "skipped": {} if record is None else dict(record.skipped),
     }
 
 
@@ -114,7 +125,78 @@ def _write_tensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optio
         os.fsync(f.fileno())
 
 
-def _write_folder(folder: Path, model: nn.Module, controller=None) -> None:
+def _json_safe(obj: Any, where: str) -> Any:
+    """Tuples to lists; anything JSON cannot hold exactly is refused with its location."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        if obj != obj or obj in (float("inf"), float("-inf")):
+            return {"__float__": repr(obj)}
+        return obj
+    raise CheckpointError(f"{where} holds a {type(obj).__name__}, which cannot be saved as JSON.")
+
+
+def _json_restore(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__float__"} and obj["__float__"] in ("nan", "inf", "-inf"):
+            return float(obj["__float__"])
+        return {k: _json_restore(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_restore(v) for v in obj]
+    return obj
+
+
+def _training_state(optimizer, scheduler, rng: bool, generators, extra):
+    """Split optimizer/scheduler/RNG states into a JSON part and a tensor part."""
+    doc: Dict[str, Any] = {}
+    tensors: Dict[str, torch.Tensor] = {}
+    if optimizer is not None:
+        sd = optimizer.state_dict()
+        state_json: Dict[str, Dict[str, Any]] = {}
+        for idx, entry in sd["state"].items():
+            state_json[str(idx)] = {}
+            for name, val in entry.items():
+                if isinstance(val, torch.Tensor):
+                    tensors[f"optimizer.{idx}.{name}"] = val.detach().contiguous().cpu()
+                    state_json[str(idx)][name] = {"__tensor__": f"optimizer.{idx}.{name}"}
+                else:
+                    state_json[str(idx)][name] = _json_safe(val, f"optimizer.state[{idx}].{name}")
+        doc["optimizer"] = {
+            "class": type(optimizer).__name__,
+            "state": state_json,
+            "param_groups": _json_safe(sd["param_groups"], "optimizer.param_groups"),
+        }
+    if scheduler is not None:
+        doc["scheduler"] = {"class": type(scheduler).__name__, "state": _json_safe(scheduler.state_dict(), "scheduler")}
+    if rng:
+        import numpy as np
+
+        tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            for i, st in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda.{i}"] = st
+        np_state = np.random.get_state()
+        doc["rng"] = {
+            "python": _json_safe(random.getstate(), "random.getstate()"),
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        }
+    for name, gen in (generators or {}).items():
+        if not isinstance(gen, torch.Generator):
+            raise CheckpointError(f"generators[{name!r}] is a {type(gen).__name__}, not a torch.Generator.")
+        tensors[f"generator.{name}"] = gen.get_state()
+    if generators:
+        doc["generators"] = sorted(generators)
+    if extra is not None:
+        doc["extra"] = _json_safe(extra, "extra")
+    return doc, tensors
+
+
+def _write_folder(folder: Path, model: nn.Module, controller=None, training=None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     recipe = _recipe(model)
     tensors, aliases = _dedup_tensors(model.state_dict())
@@ -127,17 +209,44 @@ def _write_folder(folder: Path, model: nn.Module, controller=None) -> None:
         state["best_state_keys"] = sorted(best)
         state["best_state_aliases"] = best_aliases
         _write_tensors(folder / CONTROLLER_WEIGHTS, best_tensors, {"format": FORMAT})
-        _write_json(folder / CONTROLLER_JSON, state)
+        _write_json(folder / CONTROLLER_JSON, _json_safe(state, "controller"))
+    if training is not None:
+        doc, tensors = training
+        _write_tensors(folder / TRAINING_WEIGHTS, tensors, {"format": FORMAT})
+        _write_json(folder / TRAINING_JSON, doc)
     # The recipe is written last: a folder without one is recognisably incomplete.
     _write_json(folder / RECIPE, recipe)
     _fsync_dir(folder)
 
 
-def save(path: Union[str, Path], model: nn.Module, controller=None) -> Path:
-    """Save ``model`` (and optionally its :class:`~torch_dendrites.GrowthController`) into folder ``path``.
+def save(
+    path: Union[str, Path],
+    model: nn.Module,
+    controller=None,
+    *,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    scheduler: Any = None,
+    rng: bool = False,
+    generators: Optional[Dict[str, torch.Generator]] = None,
+    extra: Optional[Dict[str, Any]] = None,
+) -> Path:
+    """Save ``model`` (and optionally its controller and training state) into the folder ``path``.
 
-    The folder is written next to its final place and swapped in, so an interrupted save never leaves a
-    half-written folder at ``path``.
+    The folder is written beside its final place and swapped in, so an interrupted save never leaves a
+    half-written folder at ``path``; the previous copy is replaced only once the new one is complete.
+
+    Args:
+        path: the folder to write (created; replaced if it exists).
+        model: the model, with or without dendrites.
+        controller: a :class:`~torch_dendrites.GrowthController` whose state (history, best weights) to keep.
+        optimizer: an optimizer whose state to keep (for an exact resume).
+        scheduler: a learning-rate scheduler whose (JSON-able) state to keep.
+        rng: also keep the global torch, CUDA, Python and NumPy random states.
+        generators: named ``torch.Generator`` objects (e.g. a data shuffler) whose states to keep.
+        extra: a JSON-able dict of anything else (e.g. the epoch of an outer loop).
+
+    Returns:
+        The folder's path.
 
     Example:
         >>> import tempfile, torch, torch_dendrites as td
@@ -148,24 +257,29 @@ def save(path: Union[str, Path], model: nn.Module, controller=None) -> Path:
         >>> fresh[0].num_dendrites
         1
     """
-    return save_checkpoint(path, model, controller)
+    training = None
+    if optimizer is not None or scheduler is not None or rng or generators or extra is not None:
+        training = _training_state(optimizer, scheduler, rng, generators, extra)
+    return _atomic_folder(Path(path), lambda folder: _write_folder(folder, model, controller, training))
 
 
-def save_checkpoint(path: Union[str, Path], model: nn.Module, controller=None) -> Path:
-    path = Path(path)
+def _atomic_folder(path: Path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    _write_folder(tmp, model, controller)
+    write(tmp)
     # Swap: a crash between the two renames leaves the previous copy at `old`, which load() falls back to.
     if path.exists():
+        if old.exists():
+            shutil.rmtree(old)
         os.replace(path, old)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
+    # Leftovers of this and of earlier (killed) processes: disk use stays bounded.
+    for stale in [*path.parent.glob(f".{path.name}.old-*"), *path.parent.glob(f".{path.name}.tmp-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
     return path
 
 
@@ -210,6 +324,8 @@ def _check_recipe(recipe: Any, path: Path) -> None:
     for i, layer in enumerate(layers):
         if not isinstance(layer, dict):
             bad(f"layers[{i}] is not an object")
+        if not isinstance(layer.get("path"), str) or not _MODULE_PATH.match(layer["path"]):
+            bad(f"layers[{i}].path={layer.get('path')!r} is not a dotted module path")
         for key, typ in (("path", str), ("dendrite_type", str), ("activation", str), ("type", str)):
             if not isinstance(layer.get(key), typ):
                 bad(f"layers[{i}].{key} is not a {typ.__name__}")
@@ -221,6 +337,9 @@ def _check_recipe(recipe: Any, path: Path) -> None:
             bad(f"layers[{i}].num_dendrites={layer['num_dendrites']} is out of range")
         if not isinstance(layer.get("init_scale"), (int, float)) or isinstance(layer.get("init_scale"), bool):
             bad(f"layers[{i}].init_scale is not a number")
+    skipped = recipe.get("skipped", {})
+    if not isinstance(skipped, dict) or not all(isinstance(v, str) for v in skipped.values()):
+        bad("'skipped' is not a mapping of strings")
     aliases = recipe.get("aliases", {})
     if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
         bad("'aliases' is not a mapping of strings")
@@ -314,53 +433,92 @@ def _apply_structure(model: nn.Module, recipe: Dict[str, Any], path: Path) -> bo
     return True
 
 
-def _set_counts(model: nn.Module, counts: Dict[str, int]) -> None:
+def _set_counts(model: nn.Module, counts: Dict[str, int]):
+    """Grow or truncate every wrapped layer to ``counts``; returns a function that undoes it exactly."""
+    kept = {}
     for name, layer in dendritic_layers(model).items():
+        kept[name] = (layer, list(layer.dendrites.units))
         want = counts.get(name, 0)
         while layer.num_dendrites < want:
             layer.grow()
         if layer.num_dendrites > want:
             layer.truncate(want)
 
+    def undo():
+        for layer, units in kept.values():
+            layer.dendrites.units = nn.ModuleList(units)  # the very same dendrite modules and parameters
 
-def load(path: Union[str, Path], model: nn.Module, controller=None) -> nn.Module:
+    return undo
+
+
+def _resolve(path: Union[str, Path]) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        return path
+    old = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.is_dir() else []
+    if old:
+        return old[-1]  # a save was interrupted between its two renames: the previous copy is here
+    raise CheckpointError(f"{path} is not a folder written by td.save.")
+
+
+def _read_controller(path: Path) -> Dict[str, Any]:
+    state = _read_json(path / CONTROLLER_JSON)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path / CONTROLLER_JSON} is not a controller state object.")
+    state = _json_restore(state)
+    best = _read_tensors(path / CONTROLLER_WEIGHTS)
+    aliases = state.pop("best_state_aliases", {})
+    keys = state.pop("best_state_keys", [])
+    if not isinstance(aliases, dict) or not isinstance(keys, list):
+        raise CheckpointError(f"{path / CONTROLLER_JSON} has malformed best_state entries.")
+    best = _expand_aliases(best, aliases, path)
+    missing = [k for k in keys if k not in best]
+    if missing:
+        raise CheckpointError(f"{path / CONTROLLER_WEIGHTS} lacks best-state tensors {missing[:4]}.")
+    state["best_state"] = {k: best[k] for k in keys} if keys else None
+    return state
+
+
+def load(
+    path: Union[str, Path],
+    model: nn.Module,
+    controller=None,
+    *,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    scheduler: Any = None,
+    rng: bool = False,
+    generators: Optional[Dict[str, torch.Generator]] = None,
+) -> nn.Module:
     """Load a folder written by :func:`save` into ``model``, a freshly built base model.
 
-    The dendrite structure is re-applied from the recipe, then the weights are loaded strictly. On any
-    mismatch (other architecture, missing or unexpected keys, shapes, newer format, corrupted files) a
+    The dendrite structure is re-applied from the recipe, then the weights are loaded strictly. Keys saved
+    from DDP (``module.``) or ``torch.compile`` (``_orig_mod.``) models are accepted. On any mismatch (other
+    architecture, missing or unexpected keys, shapes, dtypes, a newer format, corrupted files) a
     :class:`~torch_dendrites.CheckpointError` names what differs and the model is left as it was.
+
+    Args:
+        path: a folder written by :func:`save`.
+        model: the freshly built base model (or one already holding the saved structure).
+        controller: a :class:`~torch_dendrites.GrowthController` to restore too.
+        optimizer, scheduler, rng, generators: training state to restore as well; the optimizer must
+            already be built over ``model``'s parameters *with* the saved structure (for a fresh base
+            model, call ``load`` first, build the optimizer, then :func:`load_training_state`).
 
     Returns:
         ``model``, now holding the saved dendrites and weights.
     """
-    path = Path(path)
-    if not path.is_dir():
-        old = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.is_dir() else []
-        if old:
-            path = old[-1]  # an interrupted checkpoint swap left the previous copy here
-        else:
-            raise CheckpointError(f"{path} is not a folder written by td.save.")
+    path = _resolve(path)
     recipe = _read_json(path / RECIPE)
     _check_recipe(recipe, path)
     tensors, aliases = _strip_prefixes(_read_tensors(path / WEIGHTS), recipe.get("aliases", {}))
     tensors = _expand_aliases(tensors, aliases, path)
-    ctl_state = None
-    if controller is not None:
-        ctl_state = _read_json(path / CONTROLLER_JSON)
-        if not isinstance(ctl_state, dict):
-            raise CheckpointError(f"{path / CONTROLLER_JSON} is not a controller state object.")
-        best = _read_tensors(path / CONTROLLER_WEIGHTS)
-        aliases = ctl_state.pop("best_state_aliases", {})
-        keys = ctl_state.pop("best_state_keys", [])
-        if not isinstance(aliases, dict) or not isinstance(keys, list):
-            raise CheckpointError(f"{path / CONTROLLER_JSON} has malformed best_state entries.")
-        best = _expand_aliases(best, aliases, path)
-        ctl_state["best_state"] = {k: best[k] for k in keys if k in best} if keys else None
+    ctl_state = _read_controller(path) if controller is not None else None
+    training = _read_training(path) if (optimizer or scheduler or rng or generators) else None
 
-    counts_before = {n: layer.num_dendrites for n, layer in dendritic_layers(model).items()}
     added = _apply_structure(model, recipe, path)
+    undo = None
     try:
-        _set_counts(model, {entry["path"]: entry["num_dendrites"] for entry in recipe["layers"]})
+        undo = _set_counts(model, {entry["path"]: entry["num_dendrites"] for entry in recipe["layers"]})
         expected = model.state_dict()
         problem = _compare(expected, tensors)
         if problem:
@@ -369,13 +527,95 @@ def load(path: Union[str, Path], model: nn.Module, controller=None) -> nn.Module
             if t.dtype != expected[k].dtype:
                 raise CheckpointError(f"{path}: {k} was saved as {t.dtype}, the model has {expected[k].dtype}.")
         if controller is not None:
-            controller.load_state_dict(ctl_state)
+            controller._check_state(ctl_state)
         model.load_state_dict(tensors, strict=True)
     except Exception:
         # Nothing was loaded yet: undoing the structure restores the model exactly.
         if added:
             remove_dendrites(model)
-        else:
-            _set_counts(model, counts_before)
+        elif undo is not None:
+            undo()
         raise
+    record = getattr(model, _RECORD, None)
+    if record is not None and recipe.get("skipped"):
+        record.skipped = dict(recipe["skipped"])
+    if controller is not None:
+        controller.load_state_dict(ctl_state)
+    if training is not None:
+        _apply_training(path, training, optimizer, scheduler, rng, generators)
     return model
+
+
+def _read_training(path: Path):
+    doc = _json_restore(_read_json(path / TRAINING_JSON))
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{path / TRAINING_JSON} is not a training-state object.")
+    return doc, _read_tensors(path / TRAINING_WEIGHTS)
+
+
+def load_training_state(
+    path: Union[str, Path],
+    *,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    scheduler: Any = None,
+    rng: bool = False,
+    generators: Optional[Dict[str, torch.Generator]] = None,
+) -> Dict[str, Any]:
+    """Restore the optimizer, scheduler, RNG and generator states saved by :func:`save`.
+
+    Returns:
+        The ``extra`` dict saved with them (empty if none).
+    """
+    path = _resolve(path)
+    training = _read_training(path)
+    return _apply_training(path, training, optimizer, scheduler, rng, generators)
+
+
+def _apply_training(path: Path, training, optimizer, scheduler, rng, generators) -> Dict[str, Any]:
+    doc, tensors = training
+    where = path / TRAINING_JSON
+    if optimizer is not None:
+        opt = doc.get("optimizer")
+        if not isinstance(opt, dict):
+            raise CheckpointError(f"{where} holds no optimizer state; save with td.save(..., optimizer=opt).")
+        if opt.get("class") != type(optimizer).__name__:
+            raise CheckpointError(f"{where}: saved optimizer is {opt.get('class')}, not {type(optimizer).__name__}.")
+        state = {}
+        for idx, entry in opt["state"].items():
+            state[int(idx)] = {}
+            for name, val in entry.items():
+                if isinstance(val, dict) and set(val) == {"__tensor__"}:
+                    if val["__tensor__"] not in tensors:
+                        raise CheckpointError(f"{path / TRAINING_WEIGHTS} lacks {val['__tensor__']!r}.")
+                    val = tensors[val["__tensor__"]]
+                state[int(idx)][name] = val
+        try:
+            optimizer.load_state_dict({"state": state, "param_groups": opt["param_groups"]})
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise CheckpointError(f"{where}: the optimizer state does not fit this optimizer ({exc}).") from None
+    if scheduler is not None:
+        sch = doc.get("scheduler")
+        if not isinstance(sch, dict) or sch.get("class") != type(scheduler).__name__:
+            raise CheckpointError(f"{where} holds no {type(scheduler).__name__} state.")
+        scheduler.load_state_dict(sch["state"])
+    if rng:
+        import numpy as np
+
+        r = doc.get("rng")
+        if not isinstance(r, dict) or "rng.torch" not in tensors:
+            raise CheckpointError(f"{where} holds no RNG state; save with td.save(..., rng=True).")
+        torch.set_rng_state(tensors["rng.torch"])
+        if torch.cuda.is_available():
+            for i in range(min(torch.cuda.device_count(), r.get("cuda_devices", 0))):
+                torch.cuda.set_rng_state(tensors[f"rng.cuda.{i}"], i)
+        py = r["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        npst = r["numpy"]
+        np.random.set_state((npst[0], np.asarray(npst[1], dtype=np.uint32), npst[2], npst[3], npst[4]))
+    for name, gen in (generators or {}).items():
+        key = f"generator.{name}"
+        if key not in tensors:
+            raise CheckpointError(f"{path / TRAINING_WEIGHTS} holds no generator {name!r}.")
+        gen.set_state(tensors[key])
+    extra = doc.get("extra", {})
+    return extra if isinstance(extra, dict) else {}

@@ -56,6 +56,16 @@ def test_demo_runs_every_arm(fake_mnist, tmp_path, capsys):
     assert (out / "dendrites" / "history.csv").exists()
     printed = capsys.readouterr().out
     assert "| arm | dendrites | parameters |" in printed
+    # --resume on finished arms trains nothing and reports the same results.
+    assert demo.main(args + ["--resume"]) == 0
+    assert json.loads((out / "results.json").read_text()) == results
+    assert sorted(p.name for p in (out / "dendrites").iterdir()) == [
+        "architectures.csv",
+        "best",
+        "growth.png",
+        "history.csv",
+        "latest",
+    ]
 
 
 def test_missing_data_says_what_to_do(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -81,25 +82,33 @@ def train_epoch(model, opt, xy, batch: int, gen: torch.Generator) -> float:
 
 
 def run_arm(name, model, growth, splits, args, out_dir):
+    """Train one arm under its controller; resumable from ``out_dir/<arm>/latest`` with ``--resume``."""
     train, val, test = splits
-    ctl = td.GrowthController(model, growth, out_dir=out_dir / name)
-    make_opt = lambda: torch.optim.Adam(model.parameters(), lr=args.lr)  # noqa: E731
-    opt = make_opt()
+    arm_dir = out_dir / name
+    if not args.resume and arm_dir.exists():
+        shutil.rmtree(arm_dir)
+    ctl = td.GrowthController(model, growth, out_dir=arm_dir)
     gen = torch.Generator().manual_seed(args.seed)
-    bar = tqdm(total=args.max_epochs, desc=f"{name:>12}", leave=True) if tqdm else None
-    t0 = time.perf_counter()
-    while True:
+
+    def make_opt(m):
+        return torch.optim.Adam(m.parameters(), lr=args.lr)
+
+    start = ctl.resume(make_opt, generators={"shuffle": gen})
+    opt, wall = start.optimizer, start.extra.get("wall_s", 0.0)
+    bar = tqdm(total=args.max_epochs, initial=ctl.epoch, desc=f"{name:>13}", leave=True) if tqdm else None
+    while not ctl.done:
+        t0 = time.perf_counter()
         loss = train_epoch(model, opt, train, args.batch_size, gen)
         val_acc = accuracy(model, val)
         r = ctl.step(val_acc, train_loss=loss)
         if r.restructured:
-            opt = make_opt()  # new parameters (or restored ones): a fresh optimizer
+            opt = make_opt(model)  # new parameters (or restored ones): a fresh optimizer
+        wall += time.perf_counter() - t0
+        # Every epoch: an atomic checkpoint that a killed run resumes from (--resume).
+        ctl.save_latest(opt, generators={"shuffle": gen}, extra={"wall_s": wall})
         if bar:
             bar.update(1)
             bar.set_postfix(dendrites=r.num_dendrites, val=f"{val_acc:.2f}", best=f"{r.best_score:.2f}", event=r.event)
-        if r.done:
-            break
-    wall = time.perf_counter() - t0
     if bar:
         bar.close()
     return {
@@ -170,6 +179,7 @@ def main(argv=None):
     ap.add_argument("--max-epochs", type=int, default=40)
     ap.add_argument("--arms", default="baseline,dendrites,width-matched")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume", action="store_true", help="continue each arm from OUT_DIR/<arm>/latest")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

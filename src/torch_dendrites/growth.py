@@ -391,9 +391,15 @@ class GrowthController:
                     "returned restructured=True, then call save_latest."
                 )
         return save(
-            out / "latest", self.model, self, optimizer=optimizer, scheduler=scheduler, rng=True,
-            generators=generators, extra=extra,
-        )  # fmt: skip
+            out / "latest",
+            self.model,
+            self,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            rng=True,
+            generators=generators,
+            extra=extra,
+        )
 
     def resume(
         self,

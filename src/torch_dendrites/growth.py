@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import GrowthConfig
 from .errors import ConfigError, ScoreError, StateError, TargetError
-from .surgery import dendritic_layers
+from .surgery import dendritic_layers, set_dendrite_counts
 
 __all__ = ["GrowthController", "Resumed", "StepResult"]
 
@@ -330,13 +330,7 @@ class GrowthController:
         self.since_best = 0
 
     def _restore_best(self) -> None:
-        layers = dendritic_layers(self.model)
-        for name, layer in layers.items():
-            want = self.best_counts.get(name, 0)
-            while layer.num_dendrites < want:
-                layer.grow()
-            if layer.num_dendrites > want:
-                layer.truncate(want)
+        set_dendrite_counts(self.model, self.best_counts)
         self.model.load_state_dict(self.best_state, strict=True)
 
     def _finish(self):

@@ -29,7 +29,7 @@ from torch import nn
 from .config import DendriteConfig
 from .errors import CheckpointError, DendriteError
 from .layer import spec_for
-from .surgery import _RECORD, add_dendrites, dendritic_layers, remove_dendrites
+from .surgery import _RECORD, add_dendrites, dendritic_layers, remove_dendrites, set_dendrite_counts
 
 __all__ = ["save", "load", "load_training_state"]
 
@@ -433,24 +433,6 @@ def _apply_structure(model: nn.Module, recipe: Dict[str, Any], path: Path) -> bo
     return True
 
 
-def _set_counts(model: nn.Module, counts: Dict[str, int]):
-    """Grow or truncate every wrapped layer to ``counts``; returns a function that undoes it exactly."""
-    kept = {}
-    for name, layer in dendritic_layers(model).items():
-        kept[name] = (layer, list(layer.dendrites.units))
-        want = counts.get(name, 0)
-        while layer.num_dendrites < want:
-            layer.grow()
-        if layer.num_dendrites > want:
-            layer.truncate(want)
-
-    def undo():
-        for layer, units in kept.values():
-            layer.dendrites.units = nn.ModuleList(units)  # the very same dendrite modules and parameters
-
-    return undo
-
-
 def _resolve(path: Union[str, Path]) -> Path:
     path = Path(path)
     if path.is_dir():
@@ -518,7 +500,7 @@ def load(
     added = _apply_structure(model, recipe, path)
     undo = None
     try:
-        undo = _set_counts(model, {entry["path"]: entry["num_dendrites"] for entry in recipe["layers"]})
+        undo = set_dendrite_counts(model, {entry["path"]: entry["num_dendrites"] for entry in recipe["layers"]})
         expected = model.state_dict()
         problem = _compare(expected, tensors)
         if problem:

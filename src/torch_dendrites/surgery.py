@@ -276,6 +276,28 @@ def grow(model: nn.Module, generator: Optional[torch.Generator] = None) -> int:
     return sum(layer.grow(generator) for layer in layers)
 
 
+def set_dendrite_counts(model: nn.Module, counts: Dict[str, int], generator: Optional[torch.Generator] = None):
+    """Grow or truncate every wrapped layer to ``counts[path]`` (0 if absent).
+
+    Returns:
+        A function that undoes the change exactly (the very same dendrite modules come back).
+    """
+    kept = []
+    for name, layer in dendritic_layers(model).items():
+        kept.append((layer, list(layer.dendrites.units)))
+        want = counts.get(name, 0)
+        while layer.num_dendrites < want:
+            layer.grow(generator)
+        if layer.num_dendrites > want:
+            layer.truncate(want)
+
+    def undo():
+        for layer, units in kept:
+            layer.dendrites.units = nn.ModuleList(units)
+
+    return undo
+
+
 def _param_counts(model: nn.Module) -> Tuple[int, int]:
     dendrite_ids = {id(p) for layer in dendritic_layers(model).values() for p in layer.dendrite_parameters()}
     base = dend = 0

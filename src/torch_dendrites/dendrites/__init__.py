@@ -1,7 +1,8 @@
 """Dendrite types behind one small interface, with a registry from name to class.
 
 A dendrite type is an ``nn.Module`` built as ``cls(base, spec, activation=..., init_scale=..., **options)``
-that exposes ``num_dendrites``, ``num_neurons``, ``grow(generator) -> int``, ``truncate(k)`` and
+that exposes ``num_dendrites``, ``num_neurons``, ``units`` (an ``nn.ModuleList``, one entry per dendrite),
+``grow(generator) -> int``, ``truncate(k)`` and
 ``forward(y, neuron_axis, *layer_args) -> y'``, and adds nothing to ``y`` right after ``grow``.
 """
 

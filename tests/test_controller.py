@@ -289,7 +289,8 @@ def test_controller_rejects_bad_setup():
         ({"max_tries": 0}, "max_tries"),
         ({"improvement_rel": -1}, "improvement_rel"),
         ({"dendrite_training": "hebbian"}, "dendrite_training"),
-        ({"dendrite_training": "correlation"}, "correlation"),
+        ({"candidate_pool": 0}, "candidate_pool"),
+        ({"candidate_max_epochs": 0}, "candidate_max_epochs"),
     ],
 )
 def test_growth_config_validation_names_the_field(kwargs, field):

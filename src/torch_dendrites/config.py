@@ -180,7 +180,16 @@ class GrowthConfig:
         max_tries: fresh-init attempts for a dendrite set that never beats the best, before ``done``.
         max_epochs: optional hard cap on controller steps; reaching it ends the run on the best weights.
         dendrite_training: ``"gd"`` (dendrites trained by backprop with everything else) or
-            ``"correlation"`` (Cascade-Correlation candidates; not available yet).
+            ``"correlation"`` (Perforated Backpropagation: at each switch the model is frozen and candidate
+            dendrites are trained to correlate with each neuron's back-propagated error, then installed
+            with frozen input weights; see :mod:`torch_dendrites.correlation`).
+        candidate_patience: correlation mode: end a candidate phase after this many epochs in which no
+            layer's correlation score rose by ``candidate_improvement`` (relative).
+        candidate_improvement: relative rise of a layer's correlation score that counts as progress.
+        candidate_max_epochs: cap on a candidate phase's length; default: as long as the neuron phase
+            before it.
+        candidate_pool: candidates per layer; the best-correlated one is installed.
+        correlation_warning: warn about layers whose best candidate's mean |correlation| stays below this.
         seed: if set, dendrite initialisation draws from a generator seeded from it and the growth
             count, so reruns (and every rank of a distributed run) grow identical dendrites.
 
@@ -202,6 +211,11 @@ class GrowthConfig:
     max_epochs: Optional[int] = None
     dendrite_training: str = "gd"
     seed: Optional[int] = None
+    candidate_patience: int = 2
+    candidate_improvement: float = 0.01
+    candidate_max_epochs: Optional[int] = None
+    candidate_pool: int = 1
+    correlation_warning: float = 0.01
 
     def __post_init__(self) -> None:
         if self.mode not in GROWTH_MODES:
@@ -221,11 +235,11 @@ class GrowthConfig:
             raise ConfigError(
                 f"dendrite_training={self.dendrite_training!r} is unknown; choose one of {list(DENDRITE_TRAINING)}."
             )
-        if self.dendrite_training == "correlation":
-            raise ConfigError(
-                "dendrite_training='correlation' (Cascade-Correlation dendrites) is not implemented in this "
-                "version; use dendrite_training='gd'."
-            )
+        _check_int("candidate_patience", self.candidate_patience, 1)
+        _check_float("candidate_improvement", self.candidate_improvement, 0.0, math.inf, hi_open=True)
+        _check_int("candidate_max_epochs", self.candidate_max_epochs, 1, allow_none=True)
+        _check_int("candidate_pool", self.candidate_pool, 1)
+        _check_float("correlation_warning", self.correlation_warning, 0.0, 1.0)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -150,6 +151,14 @@ class GrowthController:
         self.done = False
         self.history: List[Dict[str, Any]] = []
         self.architectures: Dict[int, Dict[str, Any]] = {}
+        # Correlation mode: "neuron" (ordinary training) or "candidate" (only candidates train).
+        self.phase = "neuron"
+        self.last_phase_len = 0
+        self.cand_start = 0
+        self.cand_since = 0
+        self.cand_best: Dict[str, float] = {}
+        self.trainable_before: List[str] = []
+        self.norm_momenta: Dict[str, Optional[float]] = {}
 
     _FIELDS = (
         "epoch",
@@ -166,6 +175,13 @@ class GrowthController:
         "growths",
         "done",
         "history",
+        "phase",
+        "last_phase_len",
+        "cand_start",
+        "cand_since",
+        "cand_best",
+        "trainable_before",
+        "norm_momenta",
     )
 
     def state_dict(self) -> Dict[str, Any]:
@@ -181,6 +197,13 @@ class GrowthController:
         if not isinstance(state, dict):
             raise StateError(f"state must be a dict from GrowthController.state_dict(), got {type(state).__name__}.")
         missing = [k for k in (*self._FIELDS, "architectures", "best_state", "version") if k not in state]
+        if state.get("phase") == "candidate" and not any(
+            len(layer.dendrites.candidates) for layer in dendritic_layers(self.model).values()
+        ):
+            raise StateError(
+                "this controller state is in a candidate phase but the model has no candidates; load the model "
+                "and the controller together with td.load(path, model, controller)."
+            )
         if missing:
             raise StateError(f"controller state is missing {missing}; pass a dict from GrowthController.state_dict().")
         version = state["version"]
@@ -199,6 +222,8 @@ class GrowthController:
             setattr(self, k, _copy(state[k]))
         self.architectures = {int(k): dict(v) for k, v in state["architectures"].items()}
         self.best_state = None if state["best_state"] is None else dict(state["best_state"])
+        if self.phase == "candidate":
+            self._freeze_for_candidates()
         self._reporter = None  # a fresh reporter rewrites the CSV files from the restored history
 
     # ----------------------------------------------------------------- queries
@@ -240,8 +265,14 @@ class GrowthController:
         k_now = self.num_dendrites
         params_now = _count_params(self.model)
 
-        improved = self.best_score is None or self._beats(self.smoothed, self.best_score)
-        if improved:
+        in_candidates = self.phase == "candidate"
+        if in_candidates:
+            # The model is frozen: its scores are the best epoch's; only the candidates' correlations move.
+            extras.update({f"corr:{n}": v for n, v in self._candidate_scores().items()})
+        improved = not in_candidates and (self.best_score is None or self._beats(self.smoothed, self.best_score))
+        if in_candidates:
+            pass
+        elif improved:
             self.best_score, self.best_epoch, self.best_extras = self.smoothed, self.epoch, dict(extras)
             self.best_counts = self._counts()
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -254,12 +285,13 @@ class GrowthController:
         )
         arch["epochs"] += 1
         arch["parameters"] = params_now
-        if arch["best_score"] is None or self._better(self.smoothed, arch["best_score"]):
+        if not in_candidates and (arch["best_score"] is None or self._better(self.smoothed, arch["best_score"])):
             arch.update(best_score=self.smoothed, best_epoch=self.epoch, extras=dict(extras))
 
         event, restructured = self._decide()
         row = {
             "epoch": self.epoch,
+            "phase": "candidate" if in_candidates else "neuron",
             "dendrites": k_now,
             "parameters": params_now,
             "score": score,
@@ -298,6 +330,8 @@ class GrowthController:
         cfg = self.config
         if cfg.max_epochs is not None and self.epoch >= cfg.max_epochs:
             return self._finish()
+        if self.phase == "candidate":
+            return self._candidate_decision()
         if cfg.mode == "never":
             return self._finish() if self.since_best >= cfg.patience else ("", False)
         if not self._switch_due():
@@ -308,28 +342,134 @@ class GrowthController:
             if self.tries >= cfg.max_tries:
                 return self._finish()
             self._restore_best()
-            self._grow()
-            return "retry", True
+            return self._add_set("retry")
         if self.num_dendrites >= cfg.max_dendrites:
             return self._finish()
         self._restore_best()
         self.tries = 0
-        self._grow()
-        return "grow", True
+        return self._add_set("grow")
+
+    def _generator(self) -> Optional[torch.Generator]:
+        if self.config.seed is None:
+            return None
+        return torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.growths)
+
+    def _add_set(self, event: str):
+        if self.config.dendrite_training == "gd":
+            self._grow()
+            return event, True
+        self._start_candidates()
+        return ("retry" if event == "retry" else "candidates"), True
 
     def _grow(self) -> None:
-        gen = None
-        if self.config.seed is not None:
-            gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.growths)
+        gen = self._generator()
         for layer in dendritic_layers(self.model).values():
             layer.grow(gen)
         self.growths += 1
+        self._start_neuron_phase()
+
+    def _start_neuron_phase(self) -> None:
+        self.phase = "neuron"
         self.phase_start = self.epoch
         self.phase_grown = True
         self.phase_improved = False
         self.since_best = 0
 
+    # ----------------------------------------------------------------- correlation candidates
+    def _start_candidates(self) -> None:
+        """Freeze the model (parameters and normalisation statistics) and add candidates to every layer."""
+        cfg = self.config
+        self.last_phase_len = max(1, self.epoch - self.phase_start)
+        self.trainable_before = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        self.norm_momenta = {
+            n: m.momentum for n, m in self.model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+        }
+        gen = self._generator()
+        for layer in dendritic_layers(self.model).values():
+            layer.dendrites.add_candidates(cfg.candidate_pool, gen)
+        self.growths += 1
+        self.phase = "candidate"
+        self.cand_start = self.epoch
+        self.cand_since = 0
+        self.cand_best = {}
+        self._freeze_for_candidates()
+
+    def _freeze_for_candidates(self) -> None:
+        cand = {
+            id(p) for layer in dendritic_layers(self.model).values() for p in layer.dendrites.candidates.parameters()
+        }
+        for p in self.model.parameters():
+            if id(p) not in cand:
+                p.requires_grad_(False)
+        modules = dict(self.model.named_modules())
+        for name in self.norm_momenta:
+            # momentum 0: running statistics stay exactly as they were (eval outputs are unchanged).
+            modules[name].momentum = 0.0
+
+    def _unfreeze_after_candidates(self) -> None:
+        params = dict(self.model.named_parameters())
+        for name in self.trainable_before:
+            if name in params:
+                params[name].requires_grad_(True)
+        modules = dict(self.model.named_modules())
+        for name, momentum in self.norm_momenta.items():
+            modules[name].momentum = momentum
+        self.trainable_before, self.norm_momenta = [], {}
+
+    def _candidate_scores(self) -> Dict[str, float]:
+        """Each layer's best candidate score this epoch (mean |correlation| over its neurons)."""
+        out = {}
+        for name, layer in dendritic_layers(self.model).items():
+            stats = layer.dendrites.correlation
+            out[name] = float(stats.scores().max()) if stats is not None and stats.n > 0 else 0.0
+        return out
+
+    def _candidate_decision(self):
+        cfg = self.config
+        scores = self._candidate_scores()
+        improved = False
+        for name, sc in scores.items():
+            if sc > self.cand_best.get(name, 0.0) * (1 + cfg.candidate_improvement) + 1e-9:
+                improved = True
+            self.cand_best[name] = max(sc, self.cand_best.get(name, 0.0))
+        self.cand_since = 0 if improved else self.cand_since + 1
+        cap = cfg.candidate_max_epochs if cfg.candidate_max_epochs is not None else self.last_phase_len
+        if self.cand_since >= cfg.candidate_patience or self.epoch - self.cand_start >= cap:
+            self._install_candidates()
+            return "grow", True
+        for layer in dendritic_layers(self.model).values():
+            layer.dendrites.correlation.reset()  # a fresh epoch-long covariance
+        return "", False
+
+    def _install_candidates(self) -> None:
+        weak = []
+        for name, layer in dendritic_layers(self.model).items():
+            stats = layer.dendrites.correlation
+            scores = stats.scores() if stats.n > 0 else torch.zeros(len(layer.dendrites.candidates))
+            best = int(scores.argmax())
+            if float(scores[best]) < self.config.correlation_warning:
+                weak.append(f"{name} ({float(scores[best]):.4f})")
+            layer.dendrites.install_candidate(best)
+        self._unfreeze_after_candidates()
+        self._start_neuron_phase()
+        if weak:
+            warnings.warn(
+                "correlation dendrites: the candidates of these layers barely correlate with their neurons' "
+                f"error (mean |corr| below {self.config.correlation_warning}): {', '.join(weak)}. Their error may "
+                "already be tiny, or the candidate phase too short; consider candidate_max_epochs or a larger "
+                "candidate_pool.",
+                stacklevel=3,
+            )
+
+    def _end_candidates(self) -> None:
+        for layer in dendritic_layers(self.model).values():
+            layer.dendrites.clear_candidates()
+        self._unfreeze_after_candidates()
+        self.phase = "neuron"
+
     def _restore_best(self) -> None:
+        if self.phase == "candidate":
+            self._end_candidates()
         set_dendrite_counts(self.model, self.best_counts)
         self.model.load_state_dict(self.best_state, strict=True)
 

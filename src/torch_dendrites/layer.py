@@ -286,7 +286,8 @@ class DendriticLayer(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = self.base(*args, **kwargs)
-        if self.dendrites.num_dendrites == 0:
+        d = self.dendrites
+        if d.num_dendrites == 0 and not len(getattr(d, "candidates", ())):
             return y
         return self.dendrites(y, self.neuron_axis, *args, **kwargs)
 

@@ -65,6 +65,9 @@ def _recipe(model: nn.Module) -> Dict[str, Any]:
                 "neuron_axis": layer.neuron_axis,
                 "activation": getattr(d, "activation", "sigmoid"),
                 "init_scale": getattr(d, "init_scale", 0.01),
+                # correlation-trained dendrites keep frozen input weights; candidates of a phase in progress
+                "correlation_units": [i for i, u in enumerate(d.units) if getattr(u, "correlation_trained", False)],
+                "candidates": len(getattr(d, "candidates", ())),
             }
         )
     return {
@@ -335,6 +338,14 @@ def _check_recipe(recipe: Any, path: Path) -> None:
                 bad(f"layers[{i}].{key} is not an int")
         if layer["num_dendrites"] < 0 or layer["num_dendrites"] > 10_000:
             bad(f"layers[{i}].num_dendrites={layer['num_dendrites']} is out of range")
+        cand = layer.get("candidates", 0)
+        if isinstance(cand, bool) or not isinstance(cand, int) or not 0 <= cand <= 10_000:
+            bad(f"layers[{i}].candidates is not a count")
+        units = layer.get("correlation_units", [])
+        if not isinstance(units, list) or not all(
+            isinstance(u, int) and not isinstance(u, bool) and 0 <= u < layer["num_dendrites"] for u in units
+        ):
+            bad(f"layers[{i}].correlation_units is not a list of dendrite indices")
         if not isinstance(layer.get("init_scale"), (int, float)) or isinstance(layer.get("init_scale"), bool):
             bad(f"layers[{i}].init_scale is not a number")
     skipped = recipe.get("skipped", {})
@@ -433,6 +444,22 @@ def _apply_structure(model: nn.Module, recipe: Dict[str, Any], path: Path) -> bo
     return True
 
 
+def _set_candidates(model: nn.Module, counts: Dict[str, int]):
+    """Give each layer ``counts[path]`` fresh candidates; returns a function restoring the previous ones."""
+    before = {}
+    for name, layer in dendritic_layers(model).items():
+        before[name] = (layer.dendrites, layer.dendrites.candidates, layer.dendrites.correlation)
+        layer.dendrites.clear_candidates()
+        if counts.get(name, 0):
+            layer.dendrites.add_candidates(counts[name])
+
+    def undo():
+        for dendrites, candidates, correlation in before.values():
+            dendrites.candidates, dendrites.correlation = candidates, correlation
+
+    return undo
+
+
 def _resolve(path: Union[str, Path]) -> Path:
     path = Path(path)
     if path.is_dir():
@@ -498,9 +525,12 @@ def load(
     training = _read_training(path) if (optimizer or scheduler or rng or generators) else None
 
     added = _apply_structure(model, recipe, path)
-    undo = None
+    undo = undo_candidates = None
     try:
         undo = set_dendrite_counts(model, {entry["path"]: entry["num_dendrites"] for entry in recipe["layers"]})
+        undo_candidates = _set_candidates(
+            model, {entry["path"]: entry.get("candidates", 0) for entry in recipe["layers"]}
+        )
         expected = model.state_dict()
         problem = _compare(expected, tensors)
         if problem:
@@ -515,9 +545,19 @@ def load(
         # Nothing was loaded yet: undoing the structure restores the model exactly.
         if added:
             remove_dendrites(model)
-        elif undo is not None:
-            undo()
+        else:
+            if undo_candidates is not None:
+                undo_candidates()
+            if undo is not None:
+                undo()
         raise
+    for entry in recipe["layers"]:
+        layer = dendritic_layers(model)[entry["path"]]
+        for i in entry.get("correlation_units", []):
+            unit = layer.dendrites.units[i]
+            unit.correlation_trained = True
+            for name, p in unit.named_parameters():
+                p.requires_grad_(name == "out_gain")
     record = getattr(model, _RECORD, None)
     if record is not None and recipe.get("skipped"):
         record.skipped = dict(recipe["skipped"])

@@ -13,7 +13,7 @@ from typing import Any, Dict, List
 
 __all__ = ["Reporter", "plot_history"]
 
-_BASE_COLUMNS = ["epoch", "dendrites", "parameters", "score", "smoothed", "best", "improved", "event"]
+_BASE_COLUMNS = ["epoch", "phase", "dendrites", "parameters", "score", "smoothed", "best", "improved", "event"]
 
 
 def _columns(history: List[Dict[str, Any]]) -> List[str]:
@@ -95,8 +95,8 @@ def _same_scale(values: List[float], ref: List[float]) -> bool:
 def plot_history(history: List[Dict[str, Any]], path: Path) -> Path:
     """Scores against epochs with a vertical line at each growth and the parameter count on a second axis.
 
-    Extra scores on the validation score's scale (e.g. test accuracy) share its panel; others (e.g. a
-    training loss) get a panel of their own below.
+    Extra scores on the validation score's scale (e.g. test accuracy) share its panel; candidate
+    correlation scores (``corr:<layer>``) and other scores (e.g. a training loss) get panels below.
     """
     from matplotlib.figure import Figure
 
@@ -107,21 +107,33 @@ def plot_history(history: List[Dict[str, Any]], path: Path) -> Path:
         pts = [(r["epoch"], r[name]) for r in history if r.get(name, "") != ""]
         if pts:
             extras[name] = pts
-    top = {n: p for n, p in extras.items() if _same_scale([v for _, v in p], val)}
-    bottom = {n: p for n, p in extras.items() if n not in top}
+    corr = {n: p for n, p in extras.items() if n.startswith("corr:")}
+    top = {n: p for n, p in extras.items() if n not in corr and _same_scale([v for _, v in p], val)}
+    bottom = {n: p for n, p in extras.items() if n not in top and n not in corr}
+    panels = (
+        [(top, None)]
+        + ([(corr, "candidate correlation")] if corr else [])
+        + ([(bottom, "other scores")] if bottom else [])
+    )
     # A bare Figure (no pyplot): no global figure registry, safe off the main thread.
-    fig = Figure(figsize=(8, 6 if bottom else 4.5), dpi=100)
-    axes = fig.subplots(2 if bottom else 1, 1, sharex=True, squeeze=False)[:, 0]
+    fig = Figure(figsize=(8, 3 + 2 * len(panels)), dpi=100)
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     ax = axes[0]
     ax.plot(epochs, val, label="validation", color="C0")
-    for i, (name, pts) in enumerate(top.items()):
-        ax.plot(*zip(*pts), label=name, color=f"C{i + 2}", alpha=0.8)
-    for i, (name, pts) in enumerate(bottom.items()):
-        axes[1].plot(*zip(*pts), label=name, color=f"C{i + 2 + len(top)}")
+    color = 2
+    for a, (series, label) in zip(axes, panels):
+        for name, pts in series.items():
+            a.plot(*zip(*pts), label=name, color=f"C{color % 10}", alpha=0.85, marker="." if label else None)
+            color += 1
+        if label:
+            a.set_ylabel(label)
+            a.legend(loc="upper right", fontsize=8)
     for a in axes:
         for r in history:
             if r["event"] in ("grow", "retry"):
                 a.axvline(r["epoch"] + 0.5, color="k" if r["event"] == "grow" else "r", ls="--", lw=0.8)
+            elif r["event"] == "candidates":
+                a.axvline(r["epoch"] + 0.5, color="g", ls=":", lw=0.8)
     ax.set_ylabel("score")
     ax2 = ax.twinx()
     ax2.step(epochs, [r["parameters"] for r in history], where="post", color="C1", label="parameters")
@@ -129,10 +141,7 @@ def plot_history(history: List[Dict[str, Any]], path: Path) -> Path:
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, loc="lower right", fontsize=8)
-    ax.set_title("validation score and growth (dashed: growth, red: retry)")
-    if bottom:
-        axes[1].legend(loc="upper right", fontsize=8)
-        axes[1].set_ylabel("other scores")
+    ax.set_title("validation score and growth (dashed: growth, red: retry, dotted green: candidates)")
     axes[-1].set_xlabel("epoch")
     fig.tight_layout()
     path = Path(path)

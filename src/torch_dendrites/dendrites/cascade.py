@@ -40,7 +40,8 @@ class _Cascade(torch.autograd.Function):
     reduces the gain gradients in one pass each.
 
     Inputs: ``a`` pre-activations ``[..., k, C, ...]`` (dendrite axis at ``p``), ``y`` the layer output,
-    ``v`` output gains ``[k, C]``, then ``k - 1`` cascade-gain tensors ``[i, C]``.
+    ``v`` output gains ``[k, C]``, then ``k - 1`` cascade-gain tensors ``[i, C]``. Returns the layer output
+    and the dendrite activations ``s`` (shaped like ``a``, not differentiable).
     """
 
     @staticmethod
@@ -65,11 +66,13 @@ class _Cascade(torch.autograd.Function):
             out = torch.addcmul(out, v[i].view(-1, *tail), s_i) if i == 0 else out.addcmul_(v[i].view(-1, *tail), s_i)
         ctx.save_for_backward(s, v, *u)
         ctx.p, ctx.activation = p, activation
-        return out
+        # s is returned too (for correlation candidates, which read it detached); it carries no gradient.
+        ctx.mark_non_differentiable(s)
+        return out, s
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
+    def backward(ctx, g, _g_s=None):
         s, v, *u = ctx.saved_tensors
         p = ctx.p
         k = s.shape[p]
@@ -108,7 +111,14 @@ class Dendrite(nn.Module):
 
 
 class CascadeDendrites(nn.Module):
-    """The dendrite stack of one wrapped layer (``dendrite_type="cascade"``)."""
+    """The dendrite stack of one wrapped layer (``dendrite_type="cascade"``).
+
+    ``units`` holds the installed dendrites. ``candidates`` holds correlation-trained candidates while a
+    :class:`~torch_dendrites.GrowthController` runs a candidate phase: they see the layer's input and the
+    installed dendrites' activations detached, add nothing to the output, and receive the gradient of
+    their covariance with the layer's back-propagated error instead of the loss's (see
+    :mod:`torch_dendrites.correlation`).
+    """
 
     def __init__(self, base: nn.Module, spec, activation: str = "sigmoid", init_scale: float = 0.01):
         super().__init__()
@@ -121,15 +131,19 @@ class CascadeDendrites(nn.Module):
         self.num_neurons = spec.num_neurons(base)
         self.param_names = spec.param_names(base)
         self.units = nn.ModuleList()
+        self.candidates = nn.ModuleList()
+        self.correlation = None  # CorrelationStats while candidates exist
 
     @property
     def num_dendrites(self) -> int:
         return len(self.units)
 
+    def _new_unit(self, generator: Optional[torch.Generator]) -> Dendrite:
+        weights = self.spec.init_params(self._base[0], self.init_scale, generator)
+        return Dendrite(weights, self.num_dendrites, self.num_neurons)
+
     def grow(self, generator: Optional[torch.Generator] = None) -> int:
-        base = self._base[0]
-        weights = self.spec.init_params(base, self.init_scale, generator)
-        d = Dendrite(weights, self.num_dendrites, self.num_neurons)
+        d = self._new_unit(generator)
         self.units.append(d)
         return sum(p.numel() for p in d.parameters())
 
@@ -137,20 +151,59 @@ class CascadeDendrites(nn.Module):
         while len(self.units) > k:
             del self.units[len(self.units) - 1]
 
+    # ------------------------------------------------------------- correlation candidates
+    def add_candidates(self, n: int, generator: Optional[torch.Generator] = None) -> None:
+        """Add ``n`` candidates (each wired to every installed dendrite); their output gains stay zero."""
+        from ..correlation import CorrelationStats
+
+        for _ in range(n):
+            d = self._new_unit(generator)
+            d.out_gain.requires_grad_(False)
+            self.candidates.append(d)
+        device = next(self._base[0].parameters()).device
+        self.correlation = CorrelationStats(len(self.candidates), self.num_neurons, device)
+
+    def install_candidate(self, index: int) -> int:
+        """Make candidate ``index`` a dendrite: input weights frozen, output gain trainable. Returns its size."""
+        d = self.candidates[index]
+        for name, p in d.named_parameters():
+            p.requires_grad_(name == "out_gain")
+        d.correlation_trained = True
+        self.units.append(d)
+        self.clear_candidates()
+        return sum(p.numel() for p in d.parameters())
+
+    def clear_candidates(self) -> None:
+        self.candidates = nn.ModuleList()
+        self.correlation = None
+
+    # ------------------------------------------------------------- forward
     def forward(self, y: torch.Tensor, neuron_axis: int, *args: Any, **kwargs: Any) -> torch.Tensor:
         ds = list(self.units)
         k, c = len(ds), self.num_neurons
-        params = {n: [getattr(d, n) for d in ds] for n in self.param_names}
-        a = self.spec.batched_forward(self._base[0], params, *args, **kwargs)
         p = neuron_axis % y.dim()
-        if y.shape[p] != c or a.shape[p] != k * c:
+        if y.shape[p] != c:
             raise StateError(
                 f"the neuron axis {neuron_axis} of this layer's output {tuple(y.shape)} does not have its "
                 f"{c} neurons; set DendriteConfig(neuron_axis=...) to the output axis that holds them."
             )
-        v = torch.stack([d.out_gain for d in ds])  # [k, C]
-        u = [d.cascade_gain for d in ds[1:]]  # u[i-1]: [i, C]
-        return _Cascade.apply(a.unflatten(p, (k, c)), y, v, p, self.activation, *u)
+        out, s = y, None
+        if k:
+            params = {n: [getattr(d, n) for d in ds] for n in self.param_names}
+            a = self.spec.batched_forward(self._base[0], params, *args, **kwargs)
+            if a.shape[p] != k * c:
+                raise StateError(f"the layer spec returned {a.shape[p]} channels for {k} dendrites of {c} neurons.")
+            v = torch.stack([d.out_gain for d in ds])  # [k, C]
+            u = [d.cascade_gain for d in ds[1:]]  # u[i-1]: [i, C]
+            out, s = _Cascade.apply(a.unflatten(p, (k, c)), y, v, p, self.activation, *u)
+        if len(self.candidates) and self.training and torch.is_grad_enabled():
+            from ..correlation import candidate_tap
+
+            out = candidate_tap(self, out, s, p, args, kwargs)
+        return out
 
     def extra_repr(self) -> str:
-        return f"num_dendrites={self.num_dendrites}, num_neurons={self.num_neurons}, activation={self.activation!r}"
+        extra = f", candidates={len(self.candidates)}" if len(self.candidates) else ""
+        return (
+            f"num_dendrites={self.num_dendrites}, num_neurons={self.num_neurons}, activation={self.activation!r}{extra}"
+        )

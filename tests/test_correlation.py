@@ -1,0 +1,251 @@
+"""Correlation-trained dendrites (Perforated Backpropagation / Cascade-Correlation per neuron)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import torch_dendrites as td
+
+
+def fit_epoch(model, opt, x, y, loss_fn, steps=10):
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+
+def run(model, ctl, data, loss_fn, score_fn, lr=0.05, max_epochs=200, on_epoch=None):
+    (xtr, ytr), (xva, yva) = data
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    results = []
+    for _ in range(max_epochs):
+        fit_epoch(model, opt, xtr, ytr, loss_fn)
+        model.eval()
+        with torch.no_grad():
+            score = score_fn(model(xva), yva)
+        r = ctl.step(score)
+        results.append(r)
+        if on_epoch:
+            on_epoch(r)
+        if r.restructured:
+            opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+        if r.done:
+            break
+    return results
+
+
+def residual_task(seed=0, n=512):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, generator=g)
+    y = x[:, :1] + 2 * torch.sigmoid(4 * x[:, 1:])  # a linear part plus a sigmoid residual
+    return (x[: n // 2], y[: n // 2]), (x[n // 2 :], y[n // 2 :])
+
+
+def neg_mse(pred, y):
+    return -nn.functional.mse_loss(pred, y).item()
+
+
+def test_candidate_phase_changes_nothing_but_candidates_and_correlation_rises():
+    torch.manual_seed(0)
+    # A linear chain (with BatchNorm): it cannot fit the task's sigmoid residual, a candidate can.
+    model = nn.Sequential(nn.Linear(2, 6), nn.BatchNorm1d(6), nn.Identity(), nn.Linear(6, 1))
+    td.add_dendrites(model)
+    cfg = td.GrowthConfig(
+        patience=2,
+        max_dendrites=1,
+        dendrite_training="correlation",
+        candidate_max_epochs=8,
+        candidate_patience=8,
+        seed=0,
+    )
+    ctl = td.GrowthController(model, cfg)
+    data = residual_task()
+    probe = data[1][0][:64]
+    seen = {}
+
+    def watch(r):
+        if ctl.phase != "candidate":
+            return
+        model.eval()
+        with torch.no_grad():
+            out = model(probe)
+        others = {
+            n: p.detach().clone()
+            for n, p in model.named_parameters()
+            if ".candidates." not in n  # everything but the candidates
+        }
+        buffers = {n: b.clone() for n, b in model.named_buffers() if "num_batches_tracked" not in n}
+        if r.event in ("candidates", "retry"):  # a switch: best weights restored, model frozen from here on
+            seen.update(out=out, others=others, buffers=buffers, cand=_cands(model))
+            return
+        assert torch.equal(out, seen["out"])
+        assert r.score == r.best_score  # the frozen model scores exactly what the best epoch scored
+        assert all(torch.equal(others[n], seen["others"][n]) for n in others)
+        assert all(torch.equal(buffers[n], seen["buffers"][n]) for n in buffers)
+        assert not all(torch.equal(a, b) for a, b in zip(_cands(model), seen["cand"]))  # candidates do train
+
+    res = run(model, ctl, data, nn.functional.mse_loss, neg_mse, on_epoch=watch)
+    events = [r.event for r in res]
+    assert "candidates" in events and "grow" in events
+    first = events.index("candidates")
+    corr = ctl.history[first + 1 : first + 9]  # the first candidate phase: 8 epochs (the cap)
+    assert all(row["phase"] == "candidate" for row in corr) and corr[-1]["event"] == "grow"
+    for layer in ("0", "3"):
+        first, last = corr[0][f"corr:{layer}"], corr[-1][f"corr:{layer}"]
+        assert last > first, (layer, first, last)
+    print({k: round(v, 3) for k, v in corr[0].items() if k.startswith("corr")}, corr[-1]["corr:3"])
+    assert corr[-1]["corr:3"] > 0.4 and corr[-1]["corr:3"] > 3 * corr[0]["corr:3"]
+    # after installation: input weights frozen, output gains trainable, everything else trainable again
+    assert ctl.num_dendrites == 1
+    for layer in td.dendritic_layers(model).values():
+        unit = layer.dendrites.units[0]
+        assert unit.correlation_trained and unit.out_gain.requires_grad and not unit.weight.requires_grad
+        assert all(p.requires_grad for p in layer.base.parameters())
+    assert model[1].momentum == 0.1
+
+
+def _cands(model):
+    return [p.detach().clone() for n, p in model.named_parameters() if ".candidates." in n]
+
+
+def xor_task(seed=0, n=800):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 2, generator=g) * 2 - 1
+    y = ((x[:, 0] * x[:, 1]) > 0).long()
+    return (x[: n // 2], y[: n // 2]), (x[n // 2 :], y[n // 2 :])
+
+
+def accuracy(logits, y):
+    return (logits.argmax(1) == y).float().mean().item()
+
+
+def capacity_arm(training):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 2))  # logistic regression: the only wrapped layer is linear
+    if training == "none":
+        cfg = td.GrowthConfig(mode="never", patience=4)
+    else:
+        td.add_dendrites(model)
+        cfg = td.GrowthConfig(patience=6, max_dendrites=4, max_tries=3, dendrite_training=training, seed=0)
+    ctl = td.GrowthController(model, cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run(model, ctl, xor_task(), nn.functional.cross_entropy, accuracy, lr=0.05, max_epochs=300)
+    return ctl.best_score, ctl.num_dendrites
+
+
+def test_capacity_logistic_regression_on_xor():
+    linear, _ = capacity_arm("none")
+    corr, k_corr = capacity_arm("correlation")
+    gd, k_gd = capacity_arm("gd")
+    print(f"\nXOR validation accuracy: linear {linear:.3f}, correlation {corr:.3f} ({k_corr} dendrites), "
+          f"gd {gd:.3f} ({k_gd} dendrites)")  # fmt: skip
+    assert linear < 0.70  # the linear limit on quadrant-XOR
+    assert corr > 0.90 and k_corr >= 1
+    assert gd > 0.90
+
+
+@pytest.mark.parametrize(
+    "layer,x",
+    [
+        (nn.Conv2d(3, 4, 3, padding=1), torch.randn(2, 3, 5, 5)),
+        (nn.Linear(5, 4), torch.randn(3, 7, 5)),  # [B, T, C]
+    ],
+)
+def test_covariance_over_every_non_channel_position(layer, x):
+    torch.manual_seed(0)
+    model = td.add_dendrites(nn.Sequential(layer))
+    td.grow(model)  # one installed dendrite, so candidates also read the cascade
+    dl = model[0]
+    with torch.no_grad():
+        dl.dendrites.units[0].out_gain.normal_()
+    dl.dendrites.add_candidates(2, torch.Generator().manual_seed(1))
+    for p in list(dl.base.parameters()) + list(dl.dendrites.units.parameters()):
+        p.requires_grad_(False)
+    model.train()
+    out = model(x)
+    e = torch.randn_like(out)
+    out.backward(e)
+
+    # Reference: the same candidate activations, computed by hand, and the explicit objective.
+    p = dl.neuron_axis % out.dim()
+    cands = list(dl.dendrites.candidates)
+    with torch.no_grad():
+        u0 = dl.dendrites.units[0]
+        a0 = (
+            nn.functional.conv2d(x, u0.weight, u0.bias, padding=1)
+            if isinstance(layer, nn.Conv2d)
+            else nn.functional.linear(x, u0.weight, u0.bias)
+        )
+        s0 = torch.sigmoid(a0)
+
+    def cand_act(c):
+        a = (
+            nn.functional.conv2d(x, c.weight, c.bias, padding=1)
+            if isinstance(layer, nn.Conv2d)
+            else nn.functional.linear(x, c.weight, c.bias)
+        )
+        view = (-1,) + (1,) * (out.dim() - p - 1)
+        return torch.sigmoid(a + c.cascade_gain[0].view(view) * s0)
+
+    flat = lambda t: t.movedim(p, -1).reshape(-1, t.shape[p])  # noqa: E731  positions x channels
+    ef = flat(e)
+    stats = dl.dendrites.correlation
+    assert int(stats.n) == ef.shape[0]  # batch x every non-channel position
+    objective = 0
+    for q, c in enumerate(cands):
+        sf = flat(cand_act(c))
+        cov = ((sf - sf.mean(0)) * (ef - ef.mean(0))).mean(0)
+        assert torch.allclose(stats.covariance()[q].float(), cov, atol=1e-5)
+        objective = objective - (cov.abs() / ef.std(0, unbiased=False)).sum()
+    ref = torch.autograd.grad(objective, [c.weight for c in cands] + [c.cascade_gain for c in cands])
+    got = [c.weight.grad for c in cands] + [c.cascade_gain.grad for c in cands]
+    for r, g in zip(ref, got):
+        assert torch.allclose(r, g, atol=1e-5, rtol=1e-4)
+    assert all(c.out_gain.grad is None for c in cands)
+    assert all(p.grad is None for p in dl.base.parameters())
+
+
+def test_weak_correlation_warns_with_layer_names():
+    torch.manual_seed(0)
+    model = td.add_dendrites(nn.Sequential(nn.Linear(2, 1)))
+    cfg = td.GrowthConfig(patience=1, max_dendrites=1, dendrite_training="correlation", correlation_warning=1.0)
+    ctl = td.GrowthController(model, cfg)
+    with pytest.warns(UserWarning, match=r"0 \("):
+        run(model, ctl, residual_task(), nn.functional.mse_loss, neg_mse, max_epochs=60)
+
+
+def test_save_and_resume_in_the_middle_of_a_candidate_phase(tmp_path):
+    def build():
+        torch.manual_seed(0)
+        return td.add_dendrites(nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1)))
+
+    cfg = td.GrowthConfig(patience=1, max_dendrites=2, dendrite_training="correlation", seed=0, candidate_max_epochs=3)
+    model = build()
+    ctl = td.GrowthController(model, cfg)
+    data = residual_task()
+    stop = {}
+
+    def halt(r):
+        if ctl.phase == "candidate" and ctl.epoch - ctl.cand_start == 1:
+            stop["now"] = True
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(model, ctl, data, nn.functional.mse_loss, neg_mse, on_epoch=halt)
+    td.save(tmp_path / "ck", model, ctl)
+    model2 = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1))
+    ctl2 = td.GrowthController(td.add_dendrites(copy.deepcopy(model2)), cfg)
+    td.remove_dendrites(ctl2.model)
+    ctl2.model = model2
+    td.load(tmp_path / "ck", model2, ctl2)
+    assert ctl2.phase == "candidate"
+    trainable = sorted(n for n, p in model2.named_parameters() if p.requires_grad)
+    assert trainable and all(".candidates." in n for n in trainable)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))

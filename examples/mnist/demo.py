@@ -177,7 +177,11 @@ def main(argv=None):
     ap.add_argument("--patience", type=int, default=3)
     ap.add_argument("--max-dendrites", type=int, default=3)
     ap.add_argument("--max-epochs", type=int, default=40)
-    ap.add_argument("--arms", default="baseline,dendrites,width-matched")
+    ap.add_argument(
+        "--arms",
+        default="baseline,dendrites,width-matched",
+        help="comma-separated: baseline, dendrites (GD), correlation (Perforated Backpropagation), width-matched",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action="store_true", help="continue each arm from OUT_DIR/<arm>/latest")
     args = ap.parse_args(argv)
@@ -206,18 +210,31 @@ def main(argv=None):
         elif arm == "dendrites":
             model = td.add_dendrites(Net(c1, c2, hidden))
             growth = td.GrowthConfig(mode="plateau", max_dendrites=args.max_dendrites, seed=args.seed, **stop)
+        elif arm == "correlation":
+            model = td.add_dendrites(Net(c1, c2, hidden))
+            growth = td.GrowthConfig(
+                mode="plateau",
+                dendrite_training="correlation",
+                max_dendrites=args.max_dendrites,
+                seed=args.seed,
+                **stop,
+            )
         elif arm == "width-matched":
             if dendritic_params is None:
                 print("skipping width-matched: it needs the dendrites arm first", file=sys.stderr)
                 continue
             model, growth = Net(c1, c2, width_for(dendritic_params, c1, c2)), td.GrowthConfig(mode="never", **stop)
         else:
-            print(f"error: unknown arm {arm!r}; choose from baseline, dendrites, width-matched", file=sys.stderr)
+            print(
+                f"error: unknown arm {arm!r}; choose from baseline, dendrites, correlation, width-matched",
+                file=sys.stderr,
+            )
             return 2
         res = run_arm(arm, model, growth, splits, args, args.out_dir)
         results.append(res)
-        if arm == "dendrites":
-            dendritic_params = res["parameters"]
+        if arm in ("dendrites", "correlation"):
+            if dendritic_params is None:  # the width-matched arm matches the first dendritic arm
+                dendritic_params = res["parameters"]
             print(td.summary(model))
 
     print()

@@ -25,6 +25,7 @@ from .errors import (
 )
 from .growth import GrowthController, StepResult
 from .layer import DendriticLayer, LayerSpec, register_layer_type
+from .optim import sync_optimizer
 from .persistence import load, save
 from .surgery import Summary, add_dendrites, dendritic_layers, grow, remove_dendrites, summary
 
@@ -54,4 +55,5 @@ __all__ = [
     "remove_dendrites",
     "save",
     "summary",
+    "sync_optimizer",
 ]

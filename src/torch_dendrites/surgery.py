@@ -31,6 +31,43 @@ _FAST_PATH_PARENTS = (nn.TransformerEncoderLayer,)
 
 _RECORD = "_dendrite_record"
 
+# Zero-config defaults for Hugging Face models: task heads are left alone unless named explicitly.
+_HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "head")
+
+
+def _zero_config_policy(model: nn.Module):
+    """What a config with no selectors skips by default, as ``fn(name, module) -> reason or None``."""
+    if any(type(m).__module__.startswith("peft.") for m in model.modules()):
+
+        def peft_policy(name, module):
+            if ".lora_B." in f".{name}.":
+                return None
+            if ".lora_A." in f".{name}.":
+                return "peft reads lora_A's weight directly (dtype cast); zero-config wraps the lora_B adapters"
+            return "zero-config on a peft model wraps only the LoRA adapters (name other layers to wrap them)"
+
+        return peft_policy
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out) and type(model).__module__.startswith("transformers."):
+        try:
+            out_emb = get_out()
+        except (AttributeError, NotImplementedError):  # some heads do not implement it
+            out_emb = None
+
+        def hf_policy(name, module):
+            if out_emb is not None and module is out_emb:
+                return "the output embedding / LM head (name it in target_names to wrap it)"
+            parts = name.split(".")
+            if any(part in _HEAD_NAMES for part in parts):
+                return "a task head (name it in target_names to wrap it)"
+            if any(part.startswith("embed") for part in parts):
+                # e.g. ViT's patch projection, whose weight dtype the model reads directly
+                return "part of the embeddings (name it in target_names to wrap it)"
+            return None
+
+        return hf_policy
+    return None
+
 
 @dataclass
 class _Record:
@@ -118,6 +155,8 @@ def add_dendrites(model: nn.Module, config: Optional[DendriteConfig] = None) -> 
             )
 
     refs, paths, parents = _refs(model)
+    explicit = cfg.target_types is not None or cfg.target_names is not None or cfg.filter_fn is not None
+    policy = None if explicit else _zero_config_policy(model)
     selected: List[Tuple[nn.Module, str]] = []
     skipped: Dict[str, str] = {}
     selected_names: List[str] = []
@@ -161,6 +200,10 @@ def add_dendrites(model: nn.Module, config: Optional[DendriteConfig] = None) -> 
             continue
         if reader is not None:
             skipped[name] = f"not wrappable: {reader}"
+            continue
+        default_skip = policy(name, module) if policy is not None else None
+        if default_skip is not None:
+            skipped[name] = f"default: {default_skip}"
             continue
         if _has_lazy(module):
             raise TargetError(

@@ -1,0 +1,89 @@
+"""``DendriteCallback``: dendrite growth inside a stock ``lightning`` Trainer.
+
+Example (added to an existing Lightning script)::
+
+    from torch_dendrites.integrations.lightning import DendriteCallback
+
+    cb = DendriteCallback(monitor="val_acc", config=td.GrowthConfig(patience=3, maximize=True))
+    trainer = L.Trainer(max_epochs=100, callbacks=[cb])
+    trainer.fit(model, datamodule=dm)          # stops when the controller says done
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+try:
+    import lightning.pytorch as pl
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "torch_dendrites.integrations.lightning needs the `lightning` package: pip install 'torch-dendrites[lightning]'"
+    ) from exc
+
+from ..config import DendriteConfig, GrowthConfig
+from ..errors import ConfigError
+from ..growth import GrowthController
+from ..surgery import add_dendrites, dendritic_layers
+
+__all__ = ["DendriteCallback"]
+
+
+class DendriteCallback(pl.Callback):
+    """Step a :class:`~torch_dendrites.GrowthController` after every validation run.
+
+    At ``fit`` start the LightningModule gets dendrites (``dendrite_config``) unless it already has some.
+    After each validation (sanity checks excepted) the logged ``monitor`` metric drives the controller;
+    when the model's parameters change, the trainer's optimizers and schedulers are rebuilt through
+    ``configure_optimizers`` (``trainer.strategy.setup_optimizers``); at ``done`` the trainer stops with
+    the best weights in the model.
+
+    Args:
+        monitor: the logged validation metric, e.g. ``"val_acc"``.
+        config: the growth policy; its ``maximize`` must fit the metric.
+        dendrite_config: what to wrap if the module has no dendrites yet.
+        out_dir: where the controller writes its records.
+    """
+
+    def __init__(
+        self,
+        monitor: str,
+        config: Optional[GrowthConfig] = None,
+        dendrite_config: Optional[DendriteConfig] = None,
+        out_dir: Union[str, Path, None] = None,
+    ):
+        super().__init__()
+        if not isinstance(monitor, str) or not monitor:
+            raise ConfigError(f"monitor={monitor!r} must name a logged metric, e.g. 'val_acc'.")
+        self.monitor = monitor
+        self.config = config or GrowthConfig()
+        self.dendrite_config = dendrite_config
+        self.out_dir = out_dir
+        self.controller: Optional[GrowthController] = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.controller is not None:
+            return
+        if not dendritic_layers(pl_module):
+            add_dendrites(pl_module, self.dendrite_config)
+        # Only rank 0 writes records in a multi-process run.
+        out_dir = self.out_dir if trainer.is_global_zero else None
+        self.controller = GrowthController(pl_module, self.config, out_dir=out_dir)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.controller is None or self.controller.done:
+            return
+        metrics = trainer.callback_metrics
+        if self.monitor not in metrics:
+            raise ConfigError(
+                f"DendriteCallback(monitor={self.monitor!r}): the metric was not logged; logged metrics: "
+                f"{sorted(metrics)}. Log it with self.log({self.monitor!r}, value) in validation_step."
+            )
+        result = self.controller.step(metrics[self.monitor])
+        if result.restructured:
+            trainer.strategy.setup_optimizers(trainer)  # configure_optimizers() again, over the new parameters
+        if result.done:
+            trainer.should_stop = True
+
+    def state_dict(self):
+        return {} if self.controller is None else {"controller_epoch": self.controller.epoch}

@@ -111,11 +111,16 @@ class _CorrelationTap(torch.autograd.Function):
         scale = (std_e.clamp_min(1e-12) * positions).to(g.dtype)
         ge = (g - mean_e.to(g.dtype).view(-1, *tail)) / scale.view(-1, *tail)
         grad_s = ge.unsqueeze(p) * sign.neg().view(*sign.shape, *tail)
-        return g, grad_s, None, None
+        return g, grad_s.to(s.dtype), None, None
 
 
+@torch.compiler.disable
 def candidate_tap(dendrites, out: torch.Tensor, s: Optional[torch.Tensor], p: int, args: tuple, kwargs: Dict[str, Any]):
-    """Run the candidates of one layer on detached inputs and attach them to ``out`` through the tap."""
+    """Run the candidates of one layer on detached inputs and attach them to ``out`` through the tap.
+
+    Kept out of compiled graphs (the tap updates Python-side statistics in backward): a candidate phase
+    runs this part eagerly, and ``fullgraph=True`` compilation belongs to the neuron phases.
+    """
     cands = list(dendrites.candidates)
     n_c, c = len(cands), dendrites.num_neurons
     det_args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)

@@ -125,10 +125,15 @@ class GrowthController:
                 f"GrowthConfig(mode={cfg.mode!r}) needs a model with dendritic layers; call td.add_dendrites(model) "
                 "first (or use mode='never' for a baseline without dendrites)."
             )
+        from .integrations import distributed
+
         self.model = model
         self.config = cfg
         self.out_dir = None if out_dir is None else Path(out_dir)
-        if self.out_dir is not None:
+        # In a multi-process run only rank 0 writes; every rank grows from the same seed.
+        self.writes_files = distributed.rank() == 0
+        self._seed = distributed.shared_seed(cfg.seed)
+        if self.out_dir is not None and self.writes_files:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self._reporter = None
         self._reset()
@@ -258,6 +263,17 @@ class GrowthController:
         score = _as_score("score", score)
         extras = {k: _as_score(k, v) for k, v in extra_scores.items()}
         cfg = self.config
+        from .integrations import distributed
+
+        if distributed.is_distributed():
+            # Ranks may see different local scores: decide on their mean, identically everywhere.
+            keys = sorted(extras)
+            reduced = distributed.all_reduce_mean([score] + [extras[k] for k in keys])
+            score, extras = reduced[0], dict(zip(keys, reduced[1:]))
+            if self.phase == "candidate":
+                for layer in dendritic_layers(self.model).values():
+                    st = layer.dendrites.correlation
+                    distributed.all_reduce_sum_([st.n, st.sum_s, st.sum_ss, st.sum_se, st.sum_e, st.sum_ee])
 
         self.epoch += 1
         a = cfg.smoothing
@@ -302,7 +318,7 @@ class GrowthController:
             **extras,
         }
         self.history.append(row)
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.writes_files:
             self._report(improved, event)
         return StepResult(
             improved=improved,
@@ -350,9 +366,9 @@ class GrowthController:
         return self._add_set("grow")
 
     def _generator(self) -> Optional[torch.Generator]:
-        if self.config.seed is None:
+        if self._seed is None:
             return None
-        return torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.growths)
+        return torch.Generator().manual_seed(self._seed * 1_000_003 + self.growths)
 
     def _add_set(self, event: str):
         if self.config.dendrite_training == "gd":
@@ -517,6 +533,8 @@ class GrowthController:
         from .persistence import save
 
         out = self._need_out_dir("save_latest")
+        if not self.writes_files:
+            return out / "latest"  # rank 0 writes for everyone
         if optimizer is not None:
             mine = {id(p) for p in self.model.parameters()}
             if any(id(p) not in mine for g in optimizer.param_groups for p in g["params"]):

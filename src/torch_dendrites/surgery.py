@@ -374,13 +374,21 @@ class Summary:
         }
 
     def __str__(self) -> str:
-        lines = [f"{'layer':<32} {'type':<14} {'neurons':>8} {'dendrites':>9} {'dendrite params':>15}"]
+        w = max([len("layer")] + [len(r["name"]) for r in self.wrapped])
+        t = max([len("type")] + [len(r["type"]) for r in self.wrapped])
+        lines = [f"{'layer':<{w}}  {'type':<{t}}  {'neurons':>8}  {'dendrites':>9}  {'dendrite params':>15}"]
         for r in self.wrapped:
             lines.append(
-                f"{r['name']:<32} {r['type']:<14} {r['neurons']:>8} {r['dendrites']:>9} {r['dendrite_parameters']:>15}"
+                f"{r['name']:<{w}}  {r['type']:<{t}}  {r['neurons']:>8}  {r['dendrites']:>9}  "
+                f"{r['dendrite_parameters']:>15,}"
             )
+        # Skipped layers, grouped by reason (a large model skips hundreds); the full list is .skipped.
+        groups: Dict[str, List[str]] = {}
         for r in self.skipped:
-            lines.append(f"{r['name']:<32} {r['type']:<14} not wrapped: {r['reason']}")
+            groups.setdefault(r["reason"], []).append(r["name"])
+        for reason, names in groups.items():
+            shown = ", ".join(names[:3]) + (f", ... ({len(names)} layers)" if len(names) > 3 else "")
+            lines.append(f"not wrapped: {shown}: {reason}")
         lines.append(
             f"parameters: base {self.base_parameters:,}, dendrites {self.dendrite_parameters:,}, "
             f"total {self.total_parameters:,}"
@@ -413,8 +421,11 @@ def summary(model: nn.Module) -> Summary:
     ]
     skipped = []
     if record is not None:
-        for name, reason in record.skipped.items():
+        order = {name: i for i, name in enumerate(modules)}  # model order, however the record was stored
+        for name in sorted(record.skipped, key=lambda n: order.get(n, len(order))):
             m = modules.get(name)
-            skipped.append({"name": name, "type": type(m).__name__ if m is not None else "?", "reason": reason})
+            skipped.append(
+                {"name": name, "type": type(m).__name__ if m is not None else "?", "reason": record.skipped[name]}
+            )
     base, dend = _param_counts(model)
     return Summary(wrapped=wrapped, skipped=skipped, base_parameters=base, dendrite_parameters=dend)

@@ -31,6 +31,19 @@ def _gain_sum(t: torch.Tensor, p: int) -> torch.Tensor:
     return t.sum(dims) if dims else t
 
 
+def _cascade_reference(a, y, v, p, activation, u):
+    """The cascade in plain differentiable ops (for tracing); same math as :class:`_Cascade`."""
+    tail = (1,) * (y.dim() - p - 1)
+    act = _ACTIVATIONS[activation]
+    out, s = y, []
+    for i, z in enumerate(a.unbind(p)):
+        for j in range(i):
+            z = z + u[i - 1][j].view(-1, *tail) * s[j]
+        s.append(act(z))
+        out = out + v[i].view(-1, *tail) * s[i]
+    return out, torch.stack(s, p).detach()
+
+
 class _Cascade(torch.autograd.Function):
     """The per-channel cascade with a hand-written backward.
 
@@ -193,9 +206,17 @@ class CascadeDendrites(nn.Module):
             a = self.spec.batched_forward(self._base[0], params, *args, **kwargs)
             if a.shape[p] != k * c:
                 raise StateError(f"the layer spec returned {a.shape[p]} channels for {k} dendrites of {c} neurons.")
-            v = torch.stack([d.out_gain for d in ds])  # [k, C]
-            u = [d.cascade_gain for d in ds[1:]]  # u[i-1]: [i, C]
-            out, s = _Cascade.apply(a.unflatten(p, (k, c)), y, v, p, self.activation, *u)
+            # One dtype for the elementwise cascade: the layer output's (bf16 under autocast, say).
+            dt = y.dtype
+            a = a.to(dt)
+            v = torch.stack([d.out_gain for d in ds]).to(dt)  # [k, C]
+            u = [d.cascade_gain.to(dt) for d in ds[1:]]  # u[i-1]: [i, C]
+            if torch.compiler.is_compiling():
+                # Traced code (torch.compile, torch.export) gets plain ops, which the compiler fuses; the
+                # hand-written backward's in-place `out=` writes into slices do not trace.
+                out, s = _cascade_reference(a.unflatten(p, (k, c)), y, v, p, self.activation, u)
+            else:
+                out, s = _Cascade.apply(a.unflatten(p, (k, c)), y, v, p, self.activation, *u)
         if len(self.candidates) and self.training and torch.is_grad_enabled():
             from ..correlation import candidate_tap
 

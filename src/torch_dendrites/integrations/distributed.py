@@ -86,10 +86,11 @@ def rewrap_ddp(model: nn.Module, **ddp_kwargs: Any) -> nn.Module:
         opts = {
             "device_ids": model.device_ids,
             "output_device": model.output_device,
-            "broadcast_buffers": model.broadcast_buffers,
             "find_unused_parameters": model.find_unused_parameters,
             "gradient_as_bucket_view": model.gradient_as_bucket_view,
         }
+        if not model.broadcast_buffers:  # passed only when changed: the option is being renamed
+            opts["broadcast_buffers"] = False
     opts.update(ddp_kwargs)
     return DDP(inner, **opts)
 

@@ -249,3 +249,23 @@ def test_save_and_resume_in_the_middle_of_a_candidate_phase(tmp_path):
     trainable = sorted(n for n, p in model2.named_parameters() if p.requires_grad)
     assert trainable and all(".candidates." in n for n in trainable)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+
+
+def test_candidate_pool_installs_the_best_correlated_candidate():
+    torch.manual_seed(0)
+    model = td.add_dendrites(nn.Sequential(nn.Linear(3, 2)))
+    cfg = td.GrowthConfig(patience=1, max_dendrites=1, dendrite_training="correlation", candidate_pool=3, seed=0)
+    ctl = td.GrowthController(model, cfg)
+    ctl.step(0.5)
+    assert ctl.step(0.4).event == "candidates"
+    dend = model[0].dendrites
+    assert len(dend.candidates) == 3
+    target = torch.randn(16, 2)
+    x = torch.randn(16, 3)
+    model.train()
+    model(x).mul(target).sum().backward()  # one batch of statistics, error = target
+    scores = dend.correlation.scores()
+    best = dend.candidates[int(scores.argmax())]
+    ctl._install_candidates()
+    assert dend.units[0] is best and len(dend.candidates) == 0
+    assert not best.weight.requires_grad and best.out_gain.requires_grad

@@ -77,3 +77,15 @@ def test_local_scores_differ_but_decisions_agree(runs):
 def test_broadcast_seed_gives_identical_dendrites(tmp_path):
     r0, r1 = launch(2, tmp_path / "rec", tmp_path / "out", seed=None)
     assert r0["hash"] == r1["hash"] and max(r0["counts"].values()) >= 1
+
+
+def test_fsdp2_fixed_structure_trains_and_growth_is_refused(tmp_path):
+    worker = Path(__file__).with_name("fsdp_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd + [str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"fsdp{r}.json").read_text()) for r in range(2))
+    assert r0["out"] == r1["out"]  # after sharded training, every rank computes the same function
+    assert r0["losses"][-1] < r0["losses"][0]
+    assert "FSDP2" in r0["refused"] and "rewrap_ddp" in r0["refused"]

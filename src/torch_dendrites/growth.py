@@ -89,6 +89,14 @@ def _as_score(name: str, value: Any) -> float:
     return value
 
 
+def _has_dtensor(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - builds without distributed
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def _count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -127,6 +135,12 @@ class GrowthController:
             )
         from .integrations import distributed
 
+        if cfg.mode != "never" and _has_dtensor(model):
+            raise StateError(
+                "growth on an FSDP2 (fully_shard) or tensor-parallel model is not supported yet: its sharded "
+                "parameter groups cannot take new dendrites. Grow with DDP (td.integrations.distributed."
+                "rewrap_ddp), or shard a model whose structure is final (mode='never')."
+            )
         self.model = model
         self.config = cfg
         self.out_dir = None if out_dir is None else Path(out_dir)

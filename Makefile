@@ -16,7 +16,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev,hf,lightning]"
+	$(PY) -m pip install --quiet -e ".[dev,hf,lightning,bench]"
+	$(PY) -m pip install --quiet --no-deps "perforatedai==3.2.9"
 	@# Nothing installed after torch may swap it for another build (e.g. a multi-GB CUDA wheel).
 	$(PY) -c "import sys, torch; want = '$(TORCH_SPEC)'.split('==')[-1]; print('torch', torch.__version__); \
 	sys.exit(0 if torch.__version__.startswith(want) else f'torch {torch.__version__} replaced {want}')"

@@ -1,0 +1,196 @@
+"""Run the benchmark arms for one task (or all) over several seeds; write a results table and a figure.
+
+Run: ``python benchmarks/run.py mnist --seeds 3`` (or ``all``; ``--quick`` for the smoke variant).
+Results: ``benchmarks/results/<task>.csv``, ``<task>.md`` and ``<task>.png`` (quick runs write elsewhere).
+
+Per arm: the test score at the best-validation epoch (mean ± sd over seeds), parameters, epochs and wall
+time. The width-matched arm, per seed, widens the model to the parameter count the GD arm ended with.
+Each arm runs in its own process (the peer library keeps global state and writes into its working
+directory, which is a fresh temporary folder here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from tasks import TASKS, quick_variant  # noqa: E402
+
+ARMS = ["baseline", "width-matched", "gd", "correlation", "perforatedai"]
+
+
+def run_one(task, arm, seed, quick, target, work: Path) -> dict:
+    out = work / f"{task}-{arm}-{seed}.json"
+    cmd = [
+        sys.executable,
+        str(HERE / "run_arm.py"),
+        "--task",
+        task,
+        "--arm",
+        arm,
+        "--seed",
+        str(seed),
+        "--out",
+        str(out),
+    ]
+    if quick:
+        cmd.append("--quick")
+    if target is not None:
+        cmd += ["--target-params", str(target)]
+    cwd = work / f"{task}-{arm}-{seed}"
+    cwd.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    # stdin closed: the peer library's interactive prompts and pdb stops fail fast instead of hanging
+    proc = subprocess.run(cmd, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env)
+    if proc.returncode != 0 or not out.exists():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"task": task, "arm": arm, "seed": seed, "error": f"exit {proc.returncode}: {' | '.join(tail)}"}
+    return json.loads(out.read_text())
+
+
+def mean_sd(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def verdict(name, arm_rows, ref_rows, ref_name):
+    a = [r["test"] for r in arm_rows if "test" in r]
+    b = [r["test"] for r in ref_rows if "test" in r]
+    if not a or not b:
+        return f"- {name} vs {ref_name}: no comparison ({ref_name} did not run)."
+    (ma, sa), (mb, sb) = mean_sd(a), mean_sd(b)
+    se = math.sqrt(sa**2 / len(a) + sb**2 / len(b))
+    diff = ma - mb
+    if min(len(a), len(b)) < 2:
+        word = "(one seed, no significance test) differs from"
+    elif abs(diff) > 2 * se:
+        word = "beats" if diff > 0 else "is worse than"
+    else:
+        word = "does not beat" if diff <= 0 else "does not significantly beat"
+    pa, pb = mean_sd([r["params"] for r in arm_rows])[0], mean_sd([r["params"] for r in ref_rows])[0]
+    return (
+        f"- {name} {word} {ref_name}: {diff:+.2f} test points (2 s.e. = {2 * se:.2f}), "
+        f"at {pa / pb:.2f}x its parameters."
+    )
+
+
+def write_results(task, rows, seeds, quick, out_dir: Path):
+    t = quick_variant(TASKS[task]) if quick else TASKS[task]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / f"{task}.csv", "w", newline="") as f:
+        cols = ["task", "arm", "seed", "params", "dendrites", "epochs", "best_val", "test", "wall_s", "error"]
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore", restval="")
+        w.writeheader()
+        w.writerows(rows)
+    by_arm = {arm: [r for r in rows if r["arm"] == arm] for arm in ARMS}
+    base_wall = mean_sd([r.get("wall_s") for r in by_arm["baseline"] if "wall_s" in r])[0]
+    lines = [
+        f"# {task}{' (quick smoke run: not a result)' if quick else ''}",
+        "",
+        f"{t.note}. Budget: at most {t.epochs} epochs per arm, patience {t.patience}, Adam lr {t.lr}, batch "
+        f"{t.batch}, up to {t.max_dendrites} dendrite sets; {len(seeds)} seeds ({', '.join(map(str, seeds))}). "
+        f"Score: {t.metric} on the test split at the best-validation epoch.",
+        "",
+        "| arm | test (mean ± sd) | best val (mean) | parameters (mean) | dendrites | epochs (mean) | wall s (mean) "
+        "| wall / baseline |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for arm, rs in by_arm.items():
+        ok = [r for r in rs if "error" not in r]
+        if not ok:
+            why = rs[0]["error"] if rs else "not run"
+            lines.append(f"| {arm} | could not run: {why} | | | | | | |")
+            continue
+        mt, st = mean_sd([r["test"] for r in ok])
+        wall = mean_sd([r["wall_s"] for r in ok])[0]
+        dend = ", ".join(str(r["dendrites"]) for r in ok)
+        lines.append(
+            f"| {arm} | {mt:.2f} ± {st:.2f} | {mean_sd([r['best_val'] for r in ok])[0]:.2f} | "
+            f"{mean_sd([r['params'] for r in ok])[0]:,.0f} | {dend} | {mean_sd([r['epochs'] for r in ok])[0]:.1f} | "
+            f"{wall:.1f} | {wall / base_wall:.2f}x |"
+        )
+    lines += ["", "Verdicts (difference of mean test scores; 'beats' only beyond two standard errors):"]
+    for arm in ("gd", "correlation"):
+        for ref in ("baseline", "width-matched", "perforatedai"):
+            lines.append(verdict(arm, by_arm[arm], by_arm[ref], ref))
+    lines.append(verdict("perforatedai", by_arm["perforatedai"], by_arm["width-matched"], "width-matched"))
+    (out_dir / f"{task}.md").write_text("\n".join(lines) + "\n")
+    plot(task, by_arm, out_dir / f"{task}.png")
+    return "\n".join(lines)
+
+
+def plot(task, by_arm, path):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 4), dpi=100)
+    ax1, ax2 = fig.subplots(1, 2)
+    for i, (arm, rs) in enumerate(by_arm.items()):
+        ok = [r for r in rs if "error" not in r]
+        if not ok:
+            continue
+        for j, r in enumerate(ok):
+            ax1.plot(range(1, len(r["curve"]) + 1), r["curve"], color=f"C{i}", alpha=0.7, label=arm if j == 0 else None)
+        ax2.scatter([r["params"] for r in ok], [r["test"] for r in ok], color=f"C{i}", label=arm)
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("validation score")
+    ax1.set_title(f"{task}: validation per epoch (all seeds)")
+    ax1.legend(fontsize=8)
+    ax2.set_xscale("log")
+    ax2.set_xlabel("parameters")
+    ax2.set_ylabel("test at best validation")
+    ax2.set_title("test score vs size")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("task", choices=sorted(TASKS) + ["all"])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    args = ap.parse_args(argv)
+    out = args.out or (Path(tempfile.mkdtemp(prefix="bench-quick-")) if args.quick else HERE / "results")
+    arms = [a for a in args.arms.split(",") if a]
+    seeds = list(range(args.seeds))
+    tasks = sorted(TASKS) if args.task == "all" else [args.task]
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        for task in tasks:
+            rows = []
+            for seed in seeds:
+                gd = None
+                # gd runs before width-matched, which matches its final size
+                order = ["baseline", "gd", "correlation", "width-matched", "perforatedai"]
+                for arm in [a for a in order if a in arms]:
+                    target = None
+                    if arm == "width-matched":
+                        if gd is None or "params" not in gd:
+                            rows.append({"task": task, "arm": arm, "seed": seed, "error": "needs the gd arm"})
+                            continue
+                        target = gd["params"]
+                    res = run_one(task, arm, seed, args.quick, target, Path(tmp))
+                    if arm == "gd":
+                        gd = res
+                    rows.append(res)
+                    print(f"{task} seed {seed} {arm:>13}: " + (res.get("error") or
+                          f"test {res['test']:.2f}, params {res['params']:,}, dendrites {res['dendrites']}, "
+                          f"epochs {res['epochs']}, {res['wall_s']:.1f}s"), flush=True)  # fmt: skip
+            print(write_results(task, rows, seeds, args.quick, out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,191 @@
+"""Run one arm of one task for one seed and write its result as JSON (called by benchmarks/run.py).
+
+Arms: ``baseline`` (the model alone), ``width-matched`` (the model's family widened to ``--target-params``),
+``gd`` and ``correlation`` (torch-dendrites), ``perforatedai`` (the peer, GD mode). Every arm uses the same
+data, seed, optimizer (Adam), batch size, epoch budget and patience, and reports the test score at the
+best-validation epoch. The peer keeps global state and writes files into the working directory, so each
+arm runs in its own process and folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tasks import TASKS, quick_variant  # noqa: E402
+
+import torch_dendrites as td  # noqa: E402
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def evaluate(task, model, split, batch=1000) -> float:
+    model.eval()
+    x, y = split
+    logits = torch.cat([model(x[i : i + batch]) for i in range(0, len(y), batch)])
+    return task.score(logits, y)
+
+
+def train_epoch(task, model, opt, split, gen):
+    model.train()
+    x, y = split
+    perm = torch.randperm(len(y), generator=gen)
+    for i in range(0, len(y), task.batch):
+        idx = perm[i : i + task.batch]
+        opt.zero_grad(set_to_none=True)
+        task.loss(model(x[idx]), y[idx]).backward()
+        opt.step()
+
+
+def width_for(task, target: int) -> float:
+    """The width multiplier whose model has the parameter count closest to ``target`` (bisection)."""
+    lo, hi = 0.05, 64.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if n_params(task.wide(mid)) < target:
+            lo = mid
+        else:
+            hi = mid
+    return min((lo, hi), key=lambda w: abs(n_params(task.wide(w)) - target))
+
+
+def run_ours(task, arm, seed, splits, target, quick=False):
+    train, val, test = splits
+    torch.manual_seed(seed)
+    if arm == "width-matched":
+        width = width_for(task, target)
+        model = task.wide(width)
+    else:
+        model = task.build(1.0)
+    if arm in ("gd", "correlation"):
+        td.add_dendrites(model)
+        cfg = td.GrowthConfig(
+            mode="every" if quick else "plateau", patience=task.patience, max_dendrites=task.max_dendrites, max_epochs=task.epochs,
+            seed=seed, dendrite_training="gd" if arm == "gd" else "correlation",
+        )  # fmt: skip
+    else:
+        cfg = td.GrowthConfig(mode="never", patience=task.patience, max_epochs=task.epochs)
+    ctl = td.GrowthController(model, cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=task.lr)
+    gen = torch.Generator().manual_seed(seed)
+    curve = []
+    t0 = time.perf_counter()
+    while not ctl.done:
+        train_epoch(task, model, opt, train, gen)
+        r = ctl.step(evaluate(task, model, val), test=evaluate(task, model, test))
+        curve.append(r.score)
+        if r.restructured:
+            opt = torch.optim.Adam(model.parameters(), lr=task.lr)
+    return {
+        "params": n_params(model),
+        "dendrites": ctl.num_dendrites,
+        "epochs": ctl.epoch,
+        "best_val": ctl.best_score,
+        "test": ctl.best_extras["test"],
+        "wall_s": time.perf_counter() - t0,
+        "curve": curve,
+        "events": [(row["epoch"], row["event"]) for row in ctl.history if row["event"]],
+    }
+
+
+def run_peer(task, seed, splits, quick=False):
+    """perforatedai 3.2.9, gradient-descent dendrites, driven non-interactively with the same budget."""
+    try:
+        from perforatedai import globals_perforatedai as GPA
+        from perforatedai import utils_perforatedai as UPA
+    except ImportError as exc:
+        return {"error": f"perforatedai is not installed ({exc}); run make test/bench to install it"}
+    train, val, test = splits
+    torch.manual_seed(seed)
+    model = task.build(1.0)
+    pc = GPA.pc
+    pc.set_configuration_confirmed(True)  # no interactive set-up screen
+    pc.set_testing_dendrite_capacity(False)  # not its "add a set every epoch" test mode
+    pc.set_perforated_backpropagation(False)  # its GD dendrites (the correlation mode is licensed)
+    pc.set_unwrapped_modules_confirmed(True)  # no pdb stop for parameters outside wrapped layers
+    pc.set_module_names_to_perforate(["Conv2d", "Linear"])
+    # quick runs switch every epoch (to exercise growth), real runs on a plateau of `patience` epochs
+    pc.set_switch_mode(pc.DOING_SWITCH_EVERY_TIME if quick else pc.DOING_HISTORY)
+    pc.set_n_epochs_to_switch(task.patience)
+    pc.set_max_dendrites(task.max_dendrites)
+    pc.set_max_dendrite_tries(2)
+    pc.set_test_saves(False)
+    pc.set_drawing_extra_graphs(False)
+    pc.set_silent(True)
+    model = UPA.perforate_model(model, save_name="pai", making_graphs=False, maximizing_score=True)
+    GPA.pai_tracker.set_optimizer(torch.optim.Adam)
+
+    def make_opt(m):
+        return GPA.pai_tracker.setup_optimizer(m, {"params": m.parameters(), "lr": task.lr})[0]
+
+    opt = make_opt(model)
+    gen = torch.Generator().manual_seed(seed)
+    curve = []
+    best = (-float("inf"), None, 0)
+    t0 = time.perf_counter()
+    epochs = 0
+    while epochs < task.epochs:
+        train_epoch(task, model, opt, train, gen)
+        v, t = evaluate(task, model, val), evaluate(task, model, test)
+        epochs += 1
+        curve.append(v)
+        if v > best[0]:  # test at the best-validation epoch, the same rule as the other arms
+            best = (v, t, n_params(model))
+        model, restructured, complete = GPA.pai_tracker.add_validation_score(v, model)
+        if complete:
+            break
+        if restructured:
+            opt = make_opt(model)
+    return {
+        "params": n_params(model),
+        "dendrites": int(GPA.pai_tracker.member_vars.get("num_dendrites_added", 0)),
+        "epochs": epochs,
+        "best_val": best[0],
+        "test": best[1],
+        "wall_s": time.perf_counter() - t0,
+        "curve": curve,
+        "events": [],
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--task", required=True, choices=sorted(TASKS))
+    ap.add_argument("--arm", required=True, choices=["baseline", "width-matched", "gd", "correlation", "perforatedai"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--target-params", type=int, default=None)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    torch.set_num_threads(max(1, int(os.environ.get("BENCH_THREADS", "2"))))
+    task = TASKS[args.task]
+    if args.quick:
+        task = quick_variant(task)
+    if args.arm == "width-matched" and args.target_params is None:
+        ap.error("--target-params is required for the width-matched arm")
+    splits = task.data(args.seed, args.quick)
+    if args.arm == "perforatedai":
+        res = run_peer(task, args.seed, splits, args.quick)
+    else:
+        res = run_ours(task, args.arm, args.seed, splits, args.target_params, args.quick)
+    res.update(task=task.name, arm=args.arm, seed=args.seed, quick=args.quick, epoch_budget=task.epochs)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -62,18 +62,19 @@ def width_for(task, target: int) -> float:
 
 def run_ours(task, arm, seed, splits, target, quick=False):
     train, val, test = splits
+    width = width_for(task, target) if arm == "width-matched" else None  # builds models: before seeding
     torch.manual_seed(seed)
-    if arm == "width-matched":
-        width = width_for(task, target)
-        model = task.wide(width)
-    else:
-        model = task.build(1.0)
+    model = task.wide(width) if width is not None else task.build(1.0)
     if arm in ("gd", "correlation"):
         td.add_dendrites(model)
         cfg = td.GrowthConfig(
-            mode="every" if quick else "plateau", patience=task.patience, max_dendrites=task.max_dendrites, max_epochs=task.epochs,
-            seed=seed, dendrite_training="gd" if arm == "gd" else "correlation",
-        )  # fmt: skip
+            mode="every" if quick else "plateau",  # quick: grow every epoch, to exercise growth
+            patience=task.patience,
+            max_dendrites=task.max_dendrites,
+            max_epochs=task.epochs,
+            seed=seed,
+            dendrite_training="gd" if arm == "gd" else "correlation",
+        )
     else:
         cfg = td.GrowthConfig(mode="never", patience=task.patience, max_epochs=task.epochs)
     ctl = td.GrowthController(model, cfg)

@@ -100,6 +100,81 @@ def mnist_data(seed: int, quick: bool):
     return mnist.load(ROOT / "data", train_size=10_000, val_size=5_000, seed=seed)
 
 
+# ------------------------------------------------------------------------------------------ unet
+class UNet(nn.Module):
+    """A small UNet (two down, two up, skip connections; nearest upsampling) for 2-class segmentation."""
+
+    def __init__(self, width: float = 1.0):
+        super().__init__()
+        c = max(2, round(8 * width))
+
+        def block(i, o):
+            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.ReLU(), nn.Conv2d(o, o, 3, padding=1), nn.ReLU())
+
+        self.enc1, self.enc2, self.mid = block(1, c), block(c, 2 * c), block(2 * c, 4 * c)
+        self.dec2, self.dec1 = block(6 * c, 2 * c), block(3 * c, c)
+        self.out = nn.Conv2d(c, 2, 1)
+
+    def forward(self, x):
+        e1 = self.enc1(x)
+        e2 = self.enc2(F.max_pool2d(e1, 2))
+        m = self.mid(F.max_pool2d(e2, 2))
+        d2 = self.dec2(torch.cat([F.interpolate(m, scale_factor=2.0), e2], 1))
+        d1 = self.dec1(torch.cat([F.interpolate(d2, scale_factor=2.0), e1], 1))
+        return self.out(d1)
+
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _fashion_images(data_dir: Path) -> torch.Tensor:
+    sys.path.insert(0, str(ROOT / "examples" / "mnist"))
+    from data import _read_idx
+
+    for folder in (data_dir / "fashion-mnist", FASHION):
+        f = folder / "train-images-idx3-ubyte.gz"
+        if not f.exists():
+            f = folder / "train-images-idx3-ubyte"
+        if f.exists():
+            return torch.from_numpy(_read_idx(f).astype("float32") / 255.0)
+    raise FileNotFoundError(
+        f"Fashion-MNIST not found in {data_dir / 'fashion-mnist'} or {FASHION}: install it with "
+        "`apt-get install -y dataset-fashion-mnist` (Debian) or put the IDX files in data/fashion-mnist."
+    )
+
+
+def unet_data(seed: int, quick: bool, size: int = 48):
+    """Carvana-like composites: two real Fashion-MNIST objects pasted on a noisy canvas, exact masks."""
+    g = torch.Generator().manual_seed(seed)
+    n = 160 if quick else 4200
+    if quick:  # synthetic stand-in objects: filled rectangles of random size
+        objs = torch.zeros(64, 28, 28)
+        for i in range(64):
+            h, w = torch.randint(6, 20, (2,), generator=g).tolist()
+            objs[i, 4 : 4 + h, 4 : 4 + w] = 0.8
+    else:
+        objs = _fashion_images(ROOT / "data")
+    x = 0.25 * torch.randn(n, 1, size, size, generator=g)
+    y = torch.zeros(n, size, size, dtype=torch.long)
+    for i in range(n):
+        for _ in range(2):
+            o = objs[torch.randint(0, len(objs), (1,), generator=g).item()]
+            r, c = torch.randint(0, size - 28, (2,), generator=g).tolist()
+            mask = o > 0.1
+            x[i, 0, r : r + 28, c : c + 28][mask] = o[mask] * (0.5 + torch.rand(1, generator=g).item())
+            y[i, r : r + 28, c : c + 28][mask] = 1
+    return _split(x, y, seed, fractions=(5 / 7, 1 / 7))
+
+
+class SegTask(Task):
+    def score(self, logits, y):
+        """Dice (%) of the foreground class over the whole split."""
+        pred = logits.argmax(1) == 1
+        truth = y == 1
+        inter = (pred & truth).sum().item()
+        return 100.0 * 2 * inter / max(1, pred.sum().item() + truth.sum().item())
+
+
 TASKS = {
     "tabular": Task(
         "tabular", lambda w: TabularMLP(w), lambda w: TabularMLP(w), tabular_data, "accuracy (%)",
@@ -114,6 +189,12 @@ TASKS = {
         "width-matched arm widens fc) on 10k train / 5k val (seeded) / 10k test, at most 20 epochs: the largest "
         "budget that fits 2 CPU cores for 5 arms x 3 seeds",
     ),
+    "unet": SegTask(
+        "unet", lambda w: UNet(w), lambda w: UNet(w), unet_data, "Dice (%)", epochs=15, patience=3, batch=32, lr=2e-3,
+        max_dendrites=2,
+        note="small UNet (8-16-32 channels) on 48x48 composites of two real Fashion-MNIST objects on noise, "
+        "3000 train / 600 val / 600 test (seeded), at most 15 epochs",
+    ),
 }  # fmt: skip
 
 
@@ -121,9 +202,11 @@ def quick_variant(task: Task) -> Task:
     """Tiny models, 5 epochs, synthetic MNIST, growth every epoch: every arm end to end in seconds."""
     if task.name == "mnist":
         build, wide = (lambda w: mnist_build(w * 0.125)), (lambda w: mnist_wide(w * 0.125, scale=0.125))
+    elif task.name == "unet":
+        build, wide = (lambda w: UNet(0.5 * w)), (lambda w: UNet(0.5 * w))
     else:
         build, wide = task.build, task.wide
-    return Task(
+    return type(task)(
         task.name, build, wide, task.data, task.metric, epochs=5, patience=1, batch=64, lr=task.lr,
         max_dendrites=2, note=task.note + " (quick)",
     )  # fmt: skip

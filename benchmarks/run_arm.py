@@ -149,7 +149,7 @@ def run_peer(task, seed, splits, quick=False):
         if restructured:
             opt = make_opt(model)
     return {
-        "params": n_params(model),
+        "params": best[2],  # at the best-validation epoch, like the other arms' restored models
         "dendrites": int(GPA.pai_tracker.member_vars.get("num_dendrites_added", 0)),
         "epochs": epochs,
         "best_val": best[0],

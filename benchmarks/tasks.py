@@ -190,10 +190,10 @@ TASKS = {
         "budget that fits 2 CPU cores for 5 arms x 3 seeds",
     ),
     "unet": SegTask(
-        "unet", lambda w: UNet(w), lambda w: UNet(w), unet_data, "Dice (%)", epochs=10, patience=3, batch=32, lr=2e-3,
+        "unet", lambda w: UNet(w), lambda w: UNet(w), unet_data, "Dice (%)", epochs=40, patience=4, batch=32, lr=2e-3,
         max_dendrites=2,
         note="small UNet (8-16-32 channels) on 40x40 composites of two real Fashion-MNIST objects on noise, "
-        "1000 train / 200 val / 200 test (seeded), at most 10 epochs: the largest budget that fits 2 CPU cores",
+        "1000 train / 200 val / 200 test (seeded), at most 40 epochs",
     ),
 }  # fmt: skip
 

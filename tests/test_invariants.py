@@ -271,4 +271,6 @@ def test_cascade_backward_passes_gradcheck(activation, shape, p):
     y = torch.randn(*shape[:p], *shape[p + 1 :], dtype=torch.double, requires_grad=True)
     v = torch.randn(k, c, dtype=torch.double, requires_grad=True)
     us = [torch.randn(i, c, dtype=torch.double, requires_grad=True) for i in range(1, k)]
-    assert torch.autograd.gradcheck(lambda a, y, v, *u: _Cascade.apply(a, y, v, p, activation, *u), (a, y, v, *us))
+    assert torch.autograd.gradcheck(
+        lambda a, y, v, *u: _Cascade.apply(a, y, v, p, activation, False, *u), (a, y, v, *us)
+    )

@@ -58,7 +58,7 @@ class _Cascade(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, a, y, v, p, activation, *u):
+    def forward(ctx, a, y, v, p, activation, return_s, *u):
         k = a.shape[p]
         tail = (1,) * (y.dim() - p - 1)
         act = _ACTIVATIONS[activation]
@@ -79,6 +79,8 @@ class _Cascade(torch.autograd.Function):
             out = torch.addcmul(out, v[i].view(-1, *tail), s_i) if i == 0 else out.addcmul_(v[i].view(-1, *tail), s_i)
         ctx.save_for_backward(s, v, *u)
         ctx.p, ctx.activation = p, activation
+        if not return_s:
+            return out
         # s is returned too (for correlation candidates, which read it detached); it carries no gradient.
         ctx.mark_non_differentiable(s)
         return out, s
@@ -104,7 +106,7 @@ class _Cascade(torch.autograd.Function):
         for i in range(1, k):
             prod = torch.mul(grad_a.select(p, i).unsqueeze(p), s.narrow(p, 0, i), out=scratch.narrow(p, 0, i))
             grad_u.append(_gain_sum(prod, p))  # [i, C]
-        return (grad_a, g, grad_v, None, None, *grad_u)
+        return (grad_a, g, grad_v, None, None, None, *grad_u)
 
 
 class Dendrite(nn.Module):
@@ -215,8 +217,10 @@ class CascadeDendrites(nn.Module):
                 # Traced code (torch.compile, torch.export) gets plain ops, which the compiler fuses; the
                 # hand-written backward's in-place `out=` writes into slices do not trace.
                 out, s = _cascade_reference(a.unflatten(p, (k, c)), y, v, p, self.activation, u)
-            else:
-                out, s = _Cascade.apply(a.unflatten(p, (k, c)), y, v, p, self.activation, *u)
+            elif len(self.candidates):
+                out, s = _Cascade.apply(a.unflatten(p, (k, c)), y, v, p, self.activation, True, *u)
+            else:  # s only feeds candidates: not returning it saves autograd work on every step
+                out = _Cascade.apply(a.unflatten(p, (k, c)), y, v, p, self.activation, False, *u)
         if len(self.candidates) and self.training and torch.is_grad_enabled():
             from ..correlation import candidate_tap
 

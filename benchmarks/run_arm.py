@@ -74,9 +74,12 @@ def run_ours(task, arm, seed, splits, target, quick=False):
             max_epochs=task.epochs,
             seed=seed,
             dendrite_training="gd" if arm == "gd" else "correlation",
+            improvement_rel=task.improvement_rel,
         )
     else:
-        cfg = td.GrowthConfig(mode="never", patience=task.patience, max_epochs=task.epochs)
+        cfg = td.GrowthConfig(
+            mode="never", patience=task.patience, max_epochs=task.epochs, improvement_rel=task.improvement_rel
+        )
     ctl = td.GrowthController(model, cfg)
     opt = torch.optim.Adam(model.parameters(), lr=task.lr)
     gen = torch.Generator().manual_seed(seed)

@@ -13,7 +13,7 @@ Example:
 """
 
 from .config import DendriteConfig, GrowthConfig
-from .dendrites import register_dendrite_type
+from .dendrites import dendrite_context, register_dendrite_type
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -47,6 +47,7 @@ __all__ = [
     "TargetError",
     "UnsupportedModuleError",
     "add_dendrites",
+    "dendrite_context",
     "dendritic_layers",
     "grow",
     "load",

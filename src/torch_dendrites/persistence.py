@@ -430,7 +430,12 @@ def _apply_structure(model: nn.Module, recipe: Dict[str, Any], path: Path) -> bo
     if any(entry["dendrite_type"] != first["dendrite_type"] for entry in layers):
         raise CheckpointError(f"{path}: layers disagree on dendrite_type; this recipe was not written by td.save.")
     try:
-        cfg = DendriteConfig(filter_fn=lambda m, n: n in wanted, dendrite_type=first["dendrite_type"])
+        # The type's options (a low-rank dendrite's rank, a gate's context size) fix parameter shapes.
+        saved = recipe.get("dendrite_config")
+        options = (saved.get("dendrite_options") or {}) if isinstance(saved, dict) else {}
+        cfg = DendriteConfig(
+            filter_fn=lambda m, n: n in wanted, dendrite_type=first["dendrite_type"], dendrite_options=options
+        )
         for entry in layers:  # validates each layer's settings before anything is changed
             DendriteConfig(activation=entry["activation"], init_scale=float(entry["init_scale"]))
     except DendriteError as exc:

@@ -135,6 +135,9 @@ class CascadeDendrites(nn.Module):
     :mod:`torch_dendrites.correlation`).
     """
 
+    # The growth controller's correlation training (candidates) drives this type only.
+    supports_correlation = True
+
     def __init__(self, base: nn.Module, spec, activation: str = "sigmoid", init_scale: float = 0.01):
         super().__init__()
         # `base` is not registered here (it belongs to the DendriticLayer): kept in a tuple so that

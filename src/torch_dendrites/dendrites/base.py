@@ -1,0 +1,147 @@
+"""What the non-cascade dendrite types share: the bookkeeping of the dendrite-type interface.
+
+:class:`DendriteStack` holds the wrapped layer (without adopting it as a child), the installed dendrites
+(``units``), and the parts of the interface that only cascade dendrites use for correlation training
+(``candidates`` stays empty, ``add_candidates`` refuses). Subclasses implement ``grow`` and ``forward``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, StateError
+
+__all__ = ["DendriteStack", "check_int", "check_number", "check_choice"]
+
+
+def check_int(type_name: str, option: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(
+            f"dendrite_options {option}={value!r} for dendrite_type={type_name!r} must be an int >= {minimum}."
+        )
+    return value
+
+
+def check_number(type_name: str, option: str, value: Any, lo: float, hi: float) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi
+    if not ok:
+        raise ConfigError(
+            f"dendrite_options {option}={value!r} for dendrite_type={type_name!r} must be a number in [{lo}, {hi}]."
+        )
+    return float(value)
+
+
+def check_choice(type_name: str, option: str, value: Any, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ConfigError(
+            f"dendrite_options {option}={value!r} for dendrite_type={type_name!r} is unknown; "
+            f"choose one of {list(choices)}."
+        )
+    return value
+
+
+class DendriteStack(nn.Module):
+    """Base class of the dendrite stacks other than the cascade.
+
+    Subclasses set ``type_name`` and implement ``grow(generator) -> int`` and
+    ``forward(y, neuron_axis, *layer_args, **layer_kwargs)``.
+    """
+
+    type_name = "?"
+    # The growth controller's correlation training (Cascade-Correlation candidates) is implemented for
+    # cascade dendrites only; it checks this flag and refuses other types.
+    supports_correlation = False
+
+    def __init__(self, base: nn.Module, spec, activation: str = "sigmoid", init_scale: float = 0.01):
+        super().__init__()
+        # A tuple, so nn.Module does not adopt the wrapped layer (it belongs to the DendriticLayer).
+        self._base = (base,)
+        self.spec = spec
+        self.activation = activation
+        self.init_scale = float(init_scale)
+        self.num_neurons = spec.num_neurons(base)
+        self.units = nn.ModuleList()
+        # Kept empty: code that handles correlation candidates of any layer reads these two attributes.
+        self.candidates = nn.ModuleList()
+        self.correlation = None
+
+    @property
+    def num_dendrites(self) -> int:
+        return len(self.units)
+
+    def _like(self) -> torch.Tensor:
+        """A tensor with the wrapped layer's dtype and device (new dendrites take both)."""
+        for p in self._base[0].parameters():
+            if p.is_floating_point():
+                return p
+        return torch.empty(0)
+
+    def truncate(self, k: int) -> None:
+        while len(self.units) > k:
+            del self.units[len(self.units) - 1]
+
+    def add_candidates(self, n: int, generator: Optional[torch.Generator] = None) -> None:
+        raise StateError(
+            f"correlation-trained candidates exist only for dendrite_type='cascade', not {self.type_name!r}; "
+            "use GrowthConfig(dendrite_training='gd') with this dendrite type."
+        )
+
+    def clear_candidates(self) -> None:
+        self.candidates = nn.ModuleList()
+        self.correlation = None
+
+    def _check_axis(self, y: torch.Tensor, neuron_axis: int) -> int:
+        p = neuron_axis % y.dim()
+        if y.shape[p] != self.num_neurons:
+            raise StateError(
+                f"the neuron axis {neuron_axis} of this layer's output {tuple(y.shape)} does not have its "
+                f"{self.num_neurons} neurons; set DendriteConfig(neuron_axis=...) to the output axis that holds them."
+            )
+        return p
+
+    def extra_repr(self) -> str:
+        return f"num_dendrites={self.num_dendrites}, num_neurons={self.num_neurons}"
+
+
+_HF_CONV1D = "transformers.pytorch_utils.Conv1D"
+SUPPORTED_LAYERS = "nn.Linear, nn.Conv1d/2d/3d and Hugging Face's GPT-2 Conv1D"
+
+
+def layer_kind(type_name: str, base: nn.Module) -> str:
+    """``"linear"`` (``nn.Linear``), ``"hf_conv1d"`` (weight stored ``[in, out]``) or ``"conv"``.
+
+    Types that build their own dendrite weights need to know the layer's algebra, not just its shapes, so
+    they support the built-in layer types only (custom types registered with ``register_layer_type`` work
+    with the cascade and gated types).
+    """
+    if isinstance(base, nn.Linear):
+        return "linear"
+    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return "conv"
+    if any(f"{c.__module__}.{c.__qualname__}" == _HF_CONV1D for c in type(base).__mro__):
+        return "hf_conv1d"
+    from ..errors import UnsupportedModuleError
+
+    raise UnsupportedModuleError(
+        f"dendrite_type={type_name!r} supports {SUPPORTED_LAYERS}, not {type(base).__name__}; leave that layer "
+        "out (DendriteConfig(exclude=[...]) or target_types) or use dendrite_type='cascade' or 'gated'."
+    )
+
+
+def fan_in_shape(kind: str, base: nn.Module) -> tuple:
+    """The shape of one neuron's inputs: ``(in_features,)``, or ``(in_channels / groups, *kernel)``."""
+    if kind == "linear":
+        return (base.in_features,)
+    if kind == "hf_conv1d":
+        return (base.weight.shape[0],)
+    return tuple(base.weight.shape[1:])
+
+
+def uniform(shape, bound: float, like: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """U(-bound, bound), drawn in float32 on the CPU so that a seeded generator gives the same dendrites on
+    every device and rank, then moved to ``like``'s device and dtype."""
+    t = torch.rand(shape, generator=generator, dtype=torch.float32) * (2 * bound) - bound
+    return t.to(device=like.device, dtype=like.dtype)

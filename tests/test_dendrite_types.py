@@ -1,0 +1,489 @@
+"""The shared invariants for every dendrite type other than the cascade (tests/models.py's zoo), and what
+each type promises on its own: low-rank parameter counts, sparse connectivity that no optimizer can leak
+into, the linear control's linearity, and the gated type's context handling."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from models import CASES
+
+import torch_dendrites as td
+from torch_dendrites.dendrites import (
+    CascadeDendrites,
+    GatedDendrites,
+    LowRankDendrites,
+    SparseDendrites,
+    SparseLinearDendrites,
+    dendrite_type_names,
+)
+
+TOL = 1e-6
+CONTEXT_DIM = 3
+OPTIONS = {
+    "lowrank": {"rank": 2},
+    "sparse": {"branch_inputs": 4},
+    "sparse_linear": {"branch_inputs": 4},
+    "gated": {"context_dim": CONTEXT_DIM, "segments": 4},
+}
+# lowrank and sparse build their own weights from the layer's algebra: built-in layer types only.
+OWN_WEIGHTS = ("lowrank", "sparse", "sparse_linear")
+PAIRS = [(t, c) for t in OPTIONS for c in sorted(CASES) if not (t in OWN_WEIGHTS and c == "custom")]
+
+
+def config(dtype, case=None, **extra):
+    base = CASES[case][2] if case else None
+    fields = {} if base is None else {"target_types": base.target_types}
+    return td.DendriteConfig(dendrite_type=dtype, dendrite_options={**OPTIONS[dtype], **extra}, **fields)
+
+
+def build(case, seed=0):
+    factory, make_x, _ = CASES[case]
+    torch.manual_seed(seed)
+    model = factory().eval()
+    return model, make_x()
+
+
+def context_for(x):
+    """One one-hot task code per sample (the gated type's context)."""
+    return torch.nn.functional.one_hot(torch.arange(x.shape[0]) % CONTEXT_DIM, CONTEXT_DIM).float()
+
+
+def run(model, x):
+    if any(isinstance(m, GatedDendrites) for m in model.modules()):
+        with td.dendrite_context(model, context_for(x)):
+            return model(x)
+    return model(x)
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+def train_a_little(model, x, steps=5, weight_decay=0.0):
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=weight_decay)
+    with torch.no_grad():
+        target = torch.randn_like(run(model, x))
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(run(model, x), target).backward()
+        opt.step()
+    model.eval()
+
+
+def dendrite_params(model):
+    return {
+        f"{n}.{pn}": p
+        for n, layer in td.dendritic_layers(model).items()
+        for pn, p in layer.dendrites.named_parameters()
+    }
+
+
+# ------------------------------------------------------------------------- shared invariants
+@pytest.mark.parametrize("dtype,case", PAIRS)
+def test_insertion_and_growth_preserve_outputs(dtype, case):
+    model, x = build(case)
+    with torch.no_grad():
+        ref = model(x)
+    td.add_dendrites(model, config(dtype, case))
+    assert td.dendritic_layers(model)
+    with torch.no_grad():
+        assert max_diff(run(model, x), ref) <= TOL
+    for _ in range(3):
+        before = n_params(model)
+        added = td.grow(model)
+        assert added > 0 and n_params(model) - before == added
+        with torch.no_grad():
+            assert max_diff(run(model, x), ref) <= TOL
+
+
+@pytest.mark.parametrize("dtype,case", PAIRS)
+def test_training_moves_outputs_and_gradients_reach_every_dendrite_parameter(dtype, case):
+    model, x = build(case)
+    td.add_dendrites(model, config(dtype, case))
+    td.grow(model)
+    td.grow(model)
+    with torch.no_grad():
+        grown = run(model, x)
+    train_a_little(model, x)
+    # Zeroing every out_gain (output gain, or a gate's mixing weight) must give back the model without
+    # its dendrites' contribution; the trained model must differ from it.
+    no_dend = copy.deepcopy(model)
+    for p_name, p in dendrite_params(no_dend).items():
+        if p_name.endswith("out_gain"):
+            p.data.zero_()
+    with torch.no_grad():
+        assert max_diff(run(model, x), grown) > 1e-5
+        assert max_diff(run(model, x), run(no_dend, x)) > 1e-5
+    model.train()
+    model.zero_grad()
+    run(model, x).float().pow(2).sum().backward()
+    for name, p in dendrite_params(model).items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("dtype,case", PAIRS)
+def test_remove_restores_the_original(dtype, case):
+    model, x = build(case)
+    classes = {n: type(m) for n, m in model.named_modules()}
+    ids = {n: id(p) for n, p in model.named_parameters()}
+    td.add_dendrites(model, config(dtype, case))
+    td.grow(model)
+    train_a_little(model, x, steps=2)  # the base weights train too
+    no_dend = copy.deepcopy(model)
+    for p_name, p in dendrite_params(no_dend).items():
+        if p_name.endswith("out_gain"):
+            p.data.zero_()
+    with torch.no_grad():
+        ref = run(no_dend, x)
+    td.remove_dendrites(model)
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    assert {n: id(p) for n, p in model.named_parameters()} == ids
+    assert not any(isinstance(m, td.DendriticLayer) for m in model.modules())
+    with torch.no_grad():
+        assert max_diff(model(x), ref) == 0.0
+
+
+@pytest.mark.parametrize("dtype,case", PAIRS)
+def test_save_load_round_trip_is_bitwise(dtype, case, tmp_path):
+    model, x = build(case)
+    td.add_dendrites(model, config(dtype, case))
+    td.grow(model, torch.Generator().manual_seed(1))
+    td.grow(model, torch.Generator().manual_seed(2))
+    train_a_little(model, x, steps=2)
+    td.save(tmp_path / "ckpt", model)
+    fresh, _ = build(case, seed=123)
+    td.load(tmp_path / "ckpt", fresh)
+    a, b = model.state_dict(), fresh.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    with torch.no_grad():
+        assert torch.equal(run(model, x), run(fresh, x))
+
+
+@pytest.mark.parametrize("dtype,case", PAIRS)
+def test_summary_counts_dendrite_parameters(dtype, case):
+    model, _ = build(case)
+    base = n_params(model)
+    td.add_dendrites(model, config(dtype, case))
+    added = td.grow(model) + td.grow(model)
+    s = td.summary(model)
+    assert s.base_parameters == base and s.dendrite_parameters == added
+    assert all(r["dendrites"] == 2 for r in s.wrapped)
+
+
+@pytest.mark.parametrize("dtype", sorted(OPTIONS))
+def test_seeded_growth_is_reproducible(dtype):
+    models = []
+    for _ in range(2):
+        model, _ = build("mlp")
+        td.add_dendrites(model, config(dtype))
+        td.grow(model, torch.Generator().manual_seed(7))
+        td.grow(model, torch.Generator().manual_seed(8))
+        models.append(model.state_dict())
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+
+
+BAD_OPTIONS = [
+    ("lowrank", {"rank": 0}, "rank=0"),
+    ("lowrank", {"rank": 2.0}, "rank=2.0"),
+    ("lowrank", {"ranks": 2}, r"\['ranks'\] are not options"),
+    ("sparse", {"branch_inputs": 0}, "branch_inputs=0"),
+    ("sparse", {"receptive": "grid"}, "receptive='grid'"),
+    ("sparse", {"input_shape": [2, 3]}, "only applies to receptive='local'"),
+    ("sparse", {"receptive": "local", "input_shape": [2, 2]}, "fan-in"),
+    ("sparse", {"receptive": "local", "input_shape": [0, 6]}, "input_shape"),
+    ("sparse", {"negative_slope": -1}, "negative_slope"),
+    ("sparse_linear", {"negative_slope": 0.1}, "not options"),
+    ("gated", {}, "context_dim"),
+    ("gated", {"context_dim": 3, "segments": 0}, "segments=0"),
+    ("gated", {"context_dim": 3, "select": "min"}, "select='min'"),
+]
+
+
+@pytest.mark.parametrize("dtype,options,match", BAD_OPTIONS)
+def test_bad_options_raise_and_leave_the_model_untouched(dtype, options, match):
+    model, _ = build("mlp")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    classes = [type(m) for m in model.modules()]
+    cfg = td.DendriteConfig(dendrite_type=dtype, dendrite_options=options)
+    with pytest.raises(td.ConfigError, match=match):
+        td.add_dendrites(model, cfg)
+    assert [type(m) for m in model.modules()] == classes and not hasattr(model, "_dendrite_record")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("dtype", OWN_WEIGHTS)
+def test_unsupported_layer_types_are_refused_by_name(dtype):
+    model, _ = build("custom")
+    with pytest.raises(td.UnsupportedModuleError, match="nn.Linear, nn.Conv1d/2d/3d"):
+        td.add_dendrites(model, config(dtype, "custom"))
+    assert not td.dendritic_layers(model)
+
+
+def test_only_cascade_supports_correlation_training():
+    assert CascadeDendrites.supports_correlation is True
+    for cls in (LowRankDendrites, SparseDendrites, SparseLinearDendrites, GatedDendrites):
+        assert cls.supports_correlation is False
+    model, _ = build("mlp")
+    td.add_dendrites(model, config("lowrank"))
+    with pytest.raises(td.StateError, match="dendrite_training='gd'"):
+        model.fc1.dendrites.add_candidates(1)
+
+
+@pytest.mark.parametrize("dtype", sorted(OPTIONS))
+def test_growth_controller_drives_every_type(dtype):
+    model, x = build("mlp")
+    td.add_dendrites(model, config(dtype))
+    ctl = td.GrowthController(model, td.GrowthConfig(mode="every", max_dendrites=2, seed=0))
+    for score in (0.1, 0.2, 0.3):
+        ctl.step(score)
+    assert all(layer.num_dendrites >= 1 for layer in td.dendritic_layers(model).values())
+    with torch.no_grad():
+        assert torch.isfinite(run(model, x)).all()
+
+
+# ------------------------------------------------------------------------- lowrank
+@pytest.mark.parametrize(
+    "make,rank,fan",
+    [
+        (lambda: torch.nn.Linear(20, 10), 3, 20),
+        (lambda: torch.nn.Conv2d(6, 8, 3, groups=2), 2, 6 * 9),  # in_channels * prod(kernel)
+        (lambda: torch.nn.Conv1d(4, 5, 3), 1, 4 * 3),
+    ],
+)
+def test_lowrank_growth_adds_rank_times_in_plus_out_plus_per_channel_terms(make, rank, fan):
+    layer = make()
+    out = layer.weight.shape[0]
+    model = td.add_dendrites(torch.nn.Sequential(layer), config("lowrank", rank=rank))
+    for i in range(3):
+        # A (r x in) and B (out x r), then per channel: bias, output gain, one cascade gain per earlier dendrite
+        assert td.grow(model) == rank * (fan + out) + out * (2 + i)
+
+
+def test_lowrank_matches_its_formula_on_a_grouped_conv():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 4, 3, groups=2, padding=1, stride=2)
+    model = td.add_dendrites(torch.nn.Sequential(conv), config("lowrank", rank=3, **{}))
+    td.grow(model)
+    td.grow(model)
+    units = model[0].dendrites.units
+    for u in units:
+        torch.nn.init.normal_(u.out_gain)
+    torch.nn.init.normal_(units[1].cascade_gain)
+    x = torch.randn(2, 6, 7, 7)
+    y, s = conv(x), []
+    for i, u in enumerate(units):
+        # A: the layer's own grouped conv with r channels per group; B: per group, r -> that group's neurons.
+        h = torch.nn.functional.conv2d(x, u.in_proj, None, stride=2, padding=1, groups=2)  # [N, 2*3, ...]
+        z = torch.cat(
+            [torch.einsum("nrhw,cr->nchw", h[:, 3 * j : 3 * j + 3], u.out_proj[2 * j : 2 * j + 2]) for j in range(2)], 1
+        ) + u.bias.view(-1, 1, 1)
+        for j in range(i):
+            z = z + u.cascade_gain[j].view(-1, 1, 1) * s[j]
+        s.append(torch.sigmoid(z))
+        y = y + u.out_gain.view(-1, 1, 1) * s[i]
+    assert max_diff(model(x), y) < 1e-5
+
+
+def test_lowrank_matches_its_formula_on_tokens():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(5, 4)
+    model = td.add_dendrites(torch.nn.Sequential(lin), td.DendriteConfig(
+        dendrite_type="lowrank", dendrite_options={"rank": 2}, activation="tanh"))  # fmt: skip
+    td.grow(model)
+    td.grow(model)
+    u0, u1 = model[0].dendrites.units
+    for u in (u0, u1):
+        torch.nn.init.normal_(u.out_gain)
+    torch.nn.init.normal_(u1.cascade_gain)
+    x = torch.randn(2, 3, 5)
+    s0 = torch.tanh(x @ (u0.out_proj @ u0.in_proj).t() + u0.bias)
+    s1 = torch.tanh(x @ (u1.out_proj @ u1.in_proj).t() + u1.bias + u1.cascade_gain[0] * s0)
+    assert max_diff(model(x), lin(x) + u0.out_gain * s0 + u1.out_gain * s1) < 1e-6
+
+
+# ------------------------------------------------------------------------- sparse
+@pytest.mark.parametrize("dtype", ["sparse", "sparse_linear"])
+def test_sparse_masked_weights_get_no_gradient_and_stay_zero_under_adamw(dtype):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(12, 3)
+    model = td.add_dendrites(torch.nn.Sequential(lin), config(dtype, branch_inputs=4))
+    td.grow(model)
+    td.grow(model)
+    units = model[0].dendrites.units
+    masks = [u.mask.clone() for u in units]
+    assert all(int(m.sum()) == 3 * 4 and (m.sum(1) == 4).all() for m in masks)
+    # Only the connected weights are parameters: weight decay, momentum and Adam state cannot reach the rest.
+    assert all(u.weight.shape == (3, 4) for u in units)
+    x = torch.randn(8, 12)
+    train_a_little(model, x, steps=10, weight_decay=0.1)
+    for u, m in zip(units, masks):
+        assert torch.equal(u.mask, m)  # connectivity is a buffer: training never changes it
+        dense = u.dense_weight()
+        assert (dense[~m] == 0).all() and (dense[m] != 0).all()
+    # The dendrites' contribution has exactly zero gradient with respect to every unconnected input.
+    x1 = x[:1].clone().requires_grad_(True)
+    jac = torch.autograd.functional.jacobian(lambda t: model(t) - lin(t), x1)[0, :, 0]  # [C, in]
+    reads = masks[0] | masks[1]
+    assert (jac[~reads] == 0).all() and (jac[reads] != 0).any()
+    # And the output matches the dense masked formula.
+    s = [u.dense_weight() @ x.t() + u.bias[:, None] for u in units]
+    if dtype == "sparse":
+        s = [torch.nn.functional.leaky_relu(t, 0.1) for t in s]
+    ref = lin(x) + sum(u.out_gain[:, None] * t for u, t in zip(units, s)).t()
+    assert max_diff(model(x), ref) < 1e-6
+
+
+def test_sparse_linear_branches_keep_a_linear_layer_linear():
+    torch.manual_seed(0)
+    model = td.add_dendrites(torch.nn.Sequential(torch.nn.Linear(10, 4)), config("sparse_linear"))
+    td.grow(model)
+    for u in model[0].dendrites.units:
+        torch.nn.init.normal_(u.out_gain)
+    a, b, zero = torch.randn(3, 10), torch.randn(3, 10), torch.zeros(3, 10)
+    assert max_diff(model(a + b) - model(zero), (model(a) - model(zero)) + (model(b) - model(zero))) < 1e-5
+    nonlinear = td.add_dendrites(torch.nn.Sequential(torch.nn.Linear(10, 4)), config("sparse"))
+    td.grow(nonlinear)
+    for u in nonlinear[0].dendrites.units:
+        torch.nn.init.normal_(u.out_gain)
+        torch.nn.init.normal_(u.weight)
+    f = nonlinear
+    assert max_diff(f(a + b) - f(zero), (f(a) - f(zero)) + (f(b) - f(zero))) > 1e-3
+
+
+def test_sparse_local_receptive_fields_are_compact_and_random_ones_are_not():
+    lin = torch.nn.Linear(64, 20)
+    local = td.add_dendrites(
+        torch.nn.Sequential(lin), config("sparse", branch_inputs=9, receptive="local", input_shape=[8, 8])
+    )
+    td.grow(local, torch.Generator().manual_seed(0))
+    idx = local[0].dendrites.units[0].index
+    rows, cols = idx // 8, idx % 8
+    extent = torch.maximum(rows.amax(1) - rows.amin(1), cols.amax(1) - cols.amin(1))
+    assert (extent <= 4).all()  # the 9 grid points nearest a centre lie within 2 steps of it
+    rand = td.add_dendrites(torch.nn.Sequential(torch.nn.Linear(64, 20)), config("sparse", branch_inputs=9))
+    td.grow(rand, torch.Generator().manual_seed(0))
+    ridx = rand[0].dendrites.units[0].index
+    assert (ridx.sort(1).values[:, 1:] > ridx.sort(1).values[:, :-1]).all()  # distinct inputs per branch
+    assert ((ridx // 8).amax(1) - (ridx // 8).amin(1)).float().mean() > 4
+
+
+def test_sparse_branch_inputs_are_capped_at_the_fan_in():
+    model = td.add_dendrites(torch.nn.Sequential(torch.nn.Linear(3, 2)), config("sparse", branch_inputs=16))
+    assert td.grow(model) == 2 * (3 + 2)
+
+
+# ------------------------------------------------------------------------- gated
+def gated_linear(d_in=6, c=4, segments=3, select="absmax"):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(d_in, c)
+    cfg = td.DendriteConfig(
+        dendrite_type="gated", dendrite_options={"context_dim": CONTEXT_DIM, "segments": segments, "select": select}
+    )
+    return lin, td.add_dendrites(torch.nn.Sequential(lin), cfg)
+
+
+@pytest.mark.parametrize("select", ["absmax", "max"])
+def test_gated_with_full_mixing_is_iyer_et_al_gate(select):
+    lin, model = gated_linear(select=select)
+    td.grow(model)
+    unit = model[0].dendrites.units[0]
+    unit.out_gain.data.fill_(1.0)
+    x = torch.randn(5, 6)
+    ctx = torch.randn(5, CONTEXT_DIM)
+    d = torch.einsum("bd,csd->bcs", ctx, unit.segments)  # every segment's response
+    pick = (d.abs() if select == "absmax" else d).argmax(-1, keepdim=True)
+    ref = lin(x) * torch.sigmoid(d.gather(-1, pick).squeeze(-1))
+    with td.dendrite_context(model, ctx):
+        assert max_diff(model(x), ref) < 1e-6
+
+
+def test_gated_gates_multiply_and_partial_mixing_interpolates():
+    lin, model = gated_linear()
+    td.grow(model)
+    td.grow(model)
+    u0, u1 = model[0].dendrites.units
+    u0.out_gain.data.fill_(1.0)
+    u1.out_gain.data.fill_(0.25)
+    x, ctx = torch.randn(4, 6), context_for(torch.zeros(4))
+    gates = model[0].dendrites.gate(ctx)
+    g = []
+    for u in (u0, u1):
+        d = torch.einsum("bd,csd->bcs", ctx, u.segments)
+        win = torch.sigmoid(d.gather(-1, d.abs().argmax(-1, keepdim=True)).squeeze(-1))
+        g.append(1 - u.out_gain + u.out_gain * win)
+    assert max_diff(gates, g[0] * g[1]) < 1e-6
+    with td.dendrite_context(model, ctx):
+        assert max_diff(model(x), lin(x) * g[0] * g[1]) < 1e-6
+
+
+def test_gated_context_is_required_scoped_and_checked():
+    lin, model = gated_linear()
+    x = torch.randn(4, 6)
+    assert torch.equal(model(x), lin(x))  # no dendrites yet: no context needed
+    td.grow(model)
+    with pytest.raises(td.StateError, match="dendrite_context"):
+        model(x)
+    a, b = context_for(x), torch.ones(4, CONTEXT_DIM)
+    with td.dendrite_context(model, a):
+        assert model[0].dendrites.context is a
+        with td.dendrite_context(model, b):
+            assert model[0].dendrites.context is b
+        assert model[0].dendrites.context is a
+    assert model[0].dendrites.context is None
+    with pytest.raises(td.ConfigError, match="context_dim=3"):
+        with td.dendrite_context(model, torch.ones(4, 5)):
+            pass
+    with pytest.raises(td.StateError, match="does not fit"):
+        with td.dendrite_context(model, torch.ones(7, CONTEXT_DIM)):
+            model(x)
+    with pytest.raises(td.TargetError, match="no gated dendrites"):
+        with td.dendrite_context(td.add_dendrites(torch.nn.Sequential(torch.nn.Linear(2, 2))), a):
+            pass
+
+
+def test_gated_context_broadcasts_over_tokens_and_pixels():
+    torch.manual_seed(0)
+    cfg = td.DendriteConfig(dendrite_type="gated", dendrite_options={"context_dim": CONTEXT_DIM})
+    conv = td.add_dendrites(torch.nn.Sequential(torch.nn.Conv2d(2, 5, 3)), cfg)
+    tok = td.add_dendrites(torch.nn.Sequential(torch.nn.Linear(4, 5)), cfg)
+    for m in (conv, tok):
+        td.grow(m)
+        torch.nn.init.normal_(m[0].dendrites.units[0].out_gain)
+    x = torch.randn(2, 2, 6, 6)
+    ctx = torch.randn(2, CONTEXT_DIM)
+    with td.dendrite_context(conv, ctx):
+        y = conv(x)
+    gate = conv[0].dendrites.gate(ctx)  # [batch, channels], the same for every pixel
+    assert max_diff(y, conv[0].base(x) * gate[:, :, None, None]) < 1e-6
+    t = torch.randn(2, 7, 4)
+    with td.dendrite_context(tok, ctx):  # one context per sequence
+        per_seq = tok(t)
+    with td.dendrite_context(tok, ctx[:, None].expand(2, 7, CONTEXT_DIM)):  # one per token
+        per_tok = tok(t)
+    assert max_diff(per_seq, per_tok) < 1e-6
+
+
+def test_gated_dendrites_are_independent_between_models():
+    _, a = gated_linear()
+    _, b = gated_linear()
+    td.grow(a)
+    td.grow(b)
+    with td.dendrite_context(a, torch.ones(1, CONTEXT_DIM)):
+        assert b[0].dendrites.context is None
+        with pytest.raises(td.StateError):
+            b(torch.randn(1, 6))
+
+
+def test_number_of_types():
+    assert set(OPTIONS) | {"cascade"} == set(dendrite_type_names())
+    assert math.isclose(len(PAIRS), 4 * len(CASES) - 3)

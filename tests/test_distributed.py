@@ -79,13 +79,40 @@ def test_broadcast_seed_gives_identical_dendrites(tmp_path):
     assert r0["hash"] == r1["hash"] and max(r0["counts"].values()) >= 1
 
 
-def test_fsdp2_fixed_structure_trains_and_growth_is_refused(tmp_path):
+def test_fsdp2_growth_matches_one_process(tmp_path):
+    """shard_dendritic: base weights sharded (DTensor), dendrites replicated; growth, best restore, save,
+    resume and the drift check all work across 2 ranks and match one process over the same global batch."""
     worker = Path(__file__).with_name("fsdp_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd + [str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker)]
+    for attempt in range(3):
+        res = subprocess.run(cmd + [str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
+        if res.returncode == 0 or (tmp_path / "two" / "ctl").exists():
+            break  # retry only launch failures (see launch())
+        warnings.warn(f"torchrun launch failed (attempt {attempt + 1}): {res.stderr[-800:]}", stacklevel=2)
     assert res.returncode == 0, res.stderr[-3000:]
-    r0, r1 = (json.loads((tmp_path / f"fsdp{r}.json").read_text()) for r in range(2))
-    assert r0["out"] == r1["out"]  # after sharded training, every rank computes the same function
-    assert r0["losses"][-1] < r0["losses"][0]
-    assert "FSDP2" in r0["refused"] and "rewrap_ddp" in r0["refused"]
+    res = subprocess.run([sys.executable, str(worker), str(tmp_path / "one")], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in range(2))
+    ref = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    assert r0["param_kinds"] == ["DTensor", "Parameter"]  # really sharded, dendrites really replicated
+    assert r0["local_scores"] != r1["local_scores"]
+    assert r0["hash"] == r1["hash"]  # identical whole state on both ranks
+    assert r0["counts"] == r1["counts"] == ref["counts"] and min(ref["counts"].values()) == 2
+    assert r0["events"] == ref["events"] and ref["events"].count("grow") == 2
+    assert max(abs(a - b) for a, b in zip(r0["losses"], ref["losses"])) < 1e-5
+    assert len(r0["losses"]) == len(ref["losses"])
+    for r in (r0, r1, ref):
+        assert r["resumed_same"] and r["step_same"]
+    assert "sync_dendrite_grads" in r0["drift"] and "sync_dendrite_grads" in r1["drift"]
+    # rank 0 wrote whole tensors: both runs' best and latest load into a plain model and agree
+    for folder in ("best", "latest"):
+        a, b = (
+            td.load(
+                tmp_path / run / "ctl" / folder,
+                torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)),
+            )
+            for run in ("two", "one")
+        )
+        for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.allclose(va, vb, atol=1e-5), (folder, k)

@@ -1,11 +1,15 @@
 """Dendrite growth under DistributedDataParallel, on CPU (gloo) or GPUs (nccl).
 
-Run: ``torchrun --standalone --nproc_per_node=2 examples/ddp/train.py``
+Run: ``torchrun --standalone --nproc_per_node=2 examples/ddp/train.py`` (add ``--fsdp`` for FSDP2)
 
 Each rank trains on its share of every global batch and validates on its own shard of the validation
 set; the controller averages the ranks' scores, so they all grow (or stop) together, with identical
 dendrites. After each ``restructured`` step DDP is rebuilt over the new parameters (``rewrap_ddp``)
 and so is the optimizer. Only rank 0 writes ``--out-dir``.
+
+With ``--fsdp`` the base weights are sharded with FSDP2 (``shard_dendritic``) and the dendrites stay
+replicated: nothing is re-wrapped after growth, and ``sync_dendrite_grads`` averages the dendrites'
+gradients after each backward.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import torch_dendrites as td
-from torch_dendrites.integrations.distributed import rewrap_ddp
+from torch_dendrites.integrations.distributed import full_state_dict, rewrap_ddp, shard_dendritic, sync_dendrite_grads
 
 
 def make_data(n: int, seed: int = 0):
@@ -34,7 +38,7 @@ def make_data(n: int, seed: int = 0):
 
 def state_hash(model: nn.Module) -> str:
     h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
+    for k, v in sorted(full_state_dict(model.state_dict()).items()):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -46,6 +50,7 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--global-batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=None, help="growth seed (default: drawn on rank 0, broadcast)")
+    ap.add_argument("--fsdp", action="store_true", help="shard the base weights with FSDP2 instead of DDP")
     ap.add_argument("--record", type=Path, default=None, help="write per-rank losses, structure and weights here")
     args = ap.parse_args(argv)
 
@@ -70,7 +75,10 @@ def main(argv=None):
     net = td.add_dendrites(nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2))).to(device)
     cfg = td.GrowthConfig(mode="fixed", switch_every=3, max_dendrites=2, max_tries=2, seed=args.seed)
     ctl = td.GrowthController(net, cfg, out_dir=args.out_dir)
-    model = DDP(net) if distributed else net
+    fsdp = distributed and args.fsdp
+    if fsdp:
+        shard_dendritic(net)  # FSDP's groups hold only the base weights: growth needs no re-wrap
+    model = DDP(net) if distributed and not fsdp else net
 
     def make_opt(m):
         return torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9)
@@ -86,6 +94,8 @@ def main(argv=None):
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(xb), yb)
             loss.backward()  # DDP averages the gradients: the same step as one process on the global batch
+            if fsdp:
+                sync_dendrite_grads(net)  # FSDP averages only the sharded weights' gradients
             opt.step()
             g = loss.detach().clone()
             if distributed:
@@ -98,7 +108,7 @@ def main(argv=None):
         local_scores.append(acc)
         r = ctl.step(acc)  # ranks pass different local accuracies; the controller decides on their mean
         if r.restructured:
-            model = rewrap_ddp(model) if distributed else net
+            model = rewrap_ddp(model) if distributed and not fsdp else net
             opt = make_opt(model)
         if rank == 0:
             print(f"epoch {ctl.epoch:>2}  val acc {r.score:.3f}  dendrites {r.num_dendrites}  {r.event}")
@@ -119,7 +129,7 @@ def main(argv=None):
                 }
             )  # fmt: skip
         )
-        if rank == 0:
+        if rank == 0 or fsdp:  # under FSDP every rank helps gather the shards; rank 0 writes
             td.save(args.record / f"model_world{world}", net)
     if distributed:
         dist.destroy_process_group()

@@ -142,11 +142,12 @@ class GrowthController:
             )
         from .integrations import distributed
 
-        if cfg.mode != "never" and _has_dtensor(model):
+        if cfg.mode != "never" and any(distributed.is_sharded(p) for p in distributed._dendrite_params(model)):
             raise StateError(
-                "growth on an FSDP2 (fully_shard) or tensor-parallel model is not supported yet: its sharded "
-                "parameter groups cannot take new dendrites. Grow with DDP (td.integrations.distributed."
-                "rewrap_ddp), or shard a model whose structure is final (mode='never')."
+                "this model's dendrite parameters were sharded (fully_shard or tensor parallelism): FSDP's "
+                "parameter groups are fixed, so they cannot grow or shrink. Shard with td.integrations."
+                "distributed.shard_dendritic(model), which shards the base layers and keeps the dendrites "
+                "replicated, or shard a model whose structure is final (mode='never')."
             )
         self.model = model
         self.config = cfg
@@ -291,6 +292,13 @@ class GrowthController:
             keys = sorted(extras)
             reduced = distributed.all_reduce_mean([score] + [extras[k] for k in keys])
             score, extras = reduced[0], dict(zip(keys, reduced[1:]))
+            if _has_dtensor(self.model) and not distributed.replicas_agree(distributed._dendrite_params(self.model)):
+                # FSDP2: the replicated dendrites drift apart if their gradients are not averaged.
+                raise StateError(
+                    "the dendrite weights differ between ranks; call td.integrations.distributed."
+                    "sync_dendrite_grads(model) after every loss.backward() (FSDP does not average them). "
+                    "The controller's state was left unchanged."
+                )
             if self.phase == "candidate":
                 for layer in dendritic_layers(self.model).values():
                     st = layer.dendrites.correlation
@@ -313,6 +321,12 @@ class GrowthController:
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             self.since_best = 0
             self.phase_improved = True
+            if self.out_dir is not None and (self.writes_files or _has_dtensor(self.model)):
+                from .persistence import save
+
+                # Written before any switch below, so best/ holds the best epoch's structure. Under FSDP2
+                # every rank takes part in gathering the shards; rank 0 writes.
+                save(self.out_dir / "best", self.model)
         elif not in_candidates:
             self.since_best += 1
         arch = self.architectures.setdefault(
@@ -338,7 +352,7 @@ class GrowthController:
         }
         self.history.append(row)
         if self.out_dir is not None and self.writes_files:
-            self._report(improved, event)
+            self._report(event)
         return StepResult(
             improved=improved,
             restructured=restructured,
@@ -505,8 +519,11 @@ class GrowthController:
     def _restore_best(self) -> None:
         if self.phase == "candidate":
             self._end_candidates()
+        from .integrations.distributed import shard_like
+
         set_dendrite_counts(self.model, self.best_counts)
-        self.model.load_state_dict(self.best_state, strict=True)
+        # A best state read from a checkpoint is whole; an FSDP2 model takes its own shards of it.
+        self.model.load_state_dict(shard_like(self.best_state, self.model.state_dict()), strict=True)
 
     def _finish(self):
         self._restore_best()
@@ -514,17 +531,13 @@ class GrowthController:
         return "done", True
 
     # ----------------------------------------------------------------- reporting
-    def _report(self, improved: bool, event: str) -> None:
+    def _report(self, event: str) -> None:
         from .reporting import Reporter
 
         if self._reporter is None:
             self._reporter = Reporter(self.out_dir)
         self._reporter.write_history(self.history)
         self._reporter.write_architectures(self.architectures)
-        if improved:
-            from .persistence import save
-
-            save(self.out_dir / "best", self.model)
         if event in ("grow", "retry", "done"):
             self._reporter.plot(self.history)
 
@@ -552,8 +565,8 @@ class GrowthController:
         from .persistence import save
 
         out = self._need_out_dir("save_latest")
-        if not self.writes_files:
-            return out / "latest"  # rank 0 writes for everyone
+        if not self.writes_files and not _has_dtensor(self.model):
+            return out / "latest"  # rank 0 writes for everyone (under FSDP2 every rank helps gather)
         if optimizer is not None:
             mine = {id(p) for p in self.model.parameters()}
             if any(id(p) not in mine for g in optimizer.param_groups for p in g["params"]):

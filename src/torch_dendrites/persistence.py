@@ -51,6 +51,15 @@ def _library_version() -> str:
     return __version__
 
 
+def _type_name(module: nn.Module) -> str:
+    """The module's class name, seen through the classes FSDP2's ``fully_shard`` makes (``FSDPLinear``)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - builds without distributed
+        return type(module).__name__
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule)).__name__
+
+
 def _recipe(model: nn.Module) -> Dict[str, Any]:
     record = getattr(model, _RECORD, None)
     layers = []
@@ -59,7 +68,7 @@ def _recipe(model: nn.Module) -> Dict[str, Any]:
         layers.append(
             {
                 "path": name,
-                "type": type(layer.base).__name__,
+                "type": _type_name(layer.base),
                 "dendrite_type": layer.dendrite_type,
                 "num_dendrites": layer.num_dendrites,
                 "neuron_axis": layer.neuron_axis,
@@ -155,6 +164,8 @@ def _json_restore(obj: Any) -> Any:
 
 def _training_state(optimizer, scheduler, rng: bool, generators, extra):
     """Split optimizer/scheduler/RNG states into a JSON part and a tensor part."""
+    from .integrations.distributed import is_sharded
+
     doc: Dict[str, Any] = {}
     tensors: Dict[str, torch.Tensor] = {}
     if optimizer is not None:
@@ -164,6 +175,8 @@ def _training_state(optimizer, scheduler, rng: bool, generators, extra):
             state_json[str(idx)] = {}
             for name, val in entry.items():
                 if isinstance(val, torch.Tensor):
+                    if is_sharded(val):  # FSDP2 optimizer state: gathered whole (every rank takes part)
+                        val = val.full_tensor()
                     tensors[f"optimizer.{idx}.{name}"] = val.detach().contiguous().cpu()
                     state_json[str(idx)][name] = {"__tensor__": f"optimizer.{idx}.{name}"}
                 else:
@@ -199,15 +212,16 @@ def _training_state(optimizer, scheduler, rng: bool, generators, extra):
     return doc, tensors
 
 
-def _write_folder(folder: Path, model: nn.Module, controller=None, training=None) -> None:
+def _write_folder(folder: Path, model: nn.Module, model_state, controller=None, best=None, training=None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     recipe = _recipe(model)
-    tensors, aliases = _dedup_tensors(model.state_dict())
+    tensors, aliases = _dedup_tensors(model_state)
     recipe["aliases"] = aliases
     _write_tensors(folder / WEIGHTS, tensors, {"format": FORMAT})
     if controller is not None:
         state = controller.state_dict()
-        best = state.pop("best_state") or {}
+        state.pop("best_state")
+        best = best or {}
         best_tensors, best_aliases = _dedup_tensors(best)
         state["best_state_keys"] = sorted(best)
         state["best_state_aliases"] = best_aliases
@@ -260,10 +274,24 @@ def save(
         >>> fresh[0].num_dendrites
         1
     """
+    from .integrations.distributed import full_state_dict, is_sharded, rank
+
+    model_state = model.state_dict()
+    best = controller.best_state if controller is not None else None
+    # FSDP2: sharded tensors are gathered whole on every rank (a collective, hence save runs on every
+    # rank), then rank 0 alone writes.
+    sharded = any(is_sharded(v) for v in model_state.values())
+    if sharded:
+        model_state = full_state_dict(model_state)
+        best = full_state_dict(best) if best else best
     training = None
     if optimizer is not None or scheduler is not None or rng or generators or extra is not None:
         training = _training_state(optimizer, scheduler, rng, generators, extra)
-    return _atomic_folder(Path(path), lambda folder: _write_folder(folder, model, controller, training))
+    if sharded and rank() != 0:
+        return Path(path)
+    return _atomic_folder(
+        Path(path), lambda folder: _write_folder(folder, model, model_state, controller, best, training)
+    )
 
 
 def _atomic_folder(path: Path, write) -> Path:
@@ -421,9 +449,9 @@ def _apply_structure(model: nn.Module, recipe: Dict[str, Any], path: Path) -> bo
                 f"saved layer '{name}' does not exist in the model passed in; build the same architecture "
                 "that was saved (td.load takes the freshly built base model)."
             )
-        if spec_for(m) is None or type(m).__name__ != entry["type"]:
+        if spec_for(m) is None or _type_name(m) != entry["type"]:
             raise CheckpointError(
-                f"saved layer '{name}' was a {entry['type']}, the model has a {type(m).__name__} there; "
+                f"saved layer '{name}' was a {entry['type']}, the model has a {_type_name(m)} there; "
                 "build the same architecture that was saved."
             )
     first = layers[0]
@@ -521,6 +549,8 @@ def load(
     Returns:
         ``model``, now holding the saved dendrites and weights.
     """
+    from .integrations.distributed import shard_like
+
     path = _resolve(path)
     recipe = _read_json(path / RECIPE)
     _check_recipe(recipe, path)
@@ -545,7 +575,8 @@ def load(
                 raise CheckpointError(f"{path}: {k} was saved as {t.dtype}, the model has {expected[k].dtype}.")
         if controller is not None:
             controller._check_state(ctl_state)
-        model.load_state_dict(tensors, strict=True)
+        # FSDP2: each rank keeps its shard of the whole saved tensors.
+        model.load_state_dict(shard_like(tensors, expected), strict=True)
     except Exception:
         # Nothing was loaded yet: undoing the structure restores the model exactly.
         if added:
@@ -607,6 +638,9 @@ def _apply_training(path: Path, training, optimizer, scheduler, rng, generators)
             raise CheckpointError(f"{where} holds no optimizer state; save with td.save(..., optimizer=opt).")
         if opt.get("class") != type(optimizer).__name__:
             raise CheckpointError(f"{where}: saved optimizer is {opt.get('class')}, not {type(optimizer).__name__}.")
+        from .integrations.distributed import is_sharded, shard_like
+
+        params = [p for g in optimizer.param_groups for p in g["params"]]
         state = {}
         for idx, entry in opt["state"].items():
             state[int(idx)] = {}
@@ -615,6 +649,9 @@ def _apply_training(path: Path, training, optimizer, scheduler, rng, generators)
                     if val["__tensor__"] not in tensors:
                         raise CheckpointError(f"{path / TRAINING_WEIGHTS} lacks {val['__tensor__']!r}.")
                     val = tensors[val["__tensor__"]]
+                    p = params[int(idx)] if int(idx) < len(params) else None
+                    if p is not None and is_sharded(p) and val.shape == p.shape:
+                        val = shard_like({"v": val}, {"v": p})["v"]  # FSDP2: this rank's shard
                 state[int(idx)][name] = val
         try:
             optimizer.load_state_dict({"state": state, "param_groups": opt["param_groups"]})

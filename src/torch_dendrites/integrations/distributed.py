@@ -12,6 +12,10 @@ list), and so must the optimizer::
     if r.restructured:
         ddp_model = rewrap_ddp(ddp_model)  # same options, new parameter list, weights broadcast from rank 0
         opt = make_optimizer(ddp_model)
+
+Under FSDP2, :func:`shard_dendritic` shards the base weights and keeps the dendrites replicated, so
+growth needs no re-wrap; :func:`sync_dendrite_grads` averages the dendrites' gradients after backward,
+and ``td.save`` gathers the shards (call it on every rank; rank 0 writes).
 """
 
 from __future__ import annotations
@@ -22,7 +26,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["is_distributed", "rank", "rewrap_ddp", "all_reduce_mean", "all_reduce_sum_", "broadcast_int"]
+__all__ = [
+    "is_distributed",
+    "rank",
+    "rewrap_ddp",
+    "shard_dendritic",
+    "sync_dendrite_grads",
+    "all_reduce_mean",
+    "all_reduce_sum_",
+    "broadcast_int",
+]
 
 
 def is_distributed() -> bool:
@@ -100,3 +113,139 @@ def shared_seed(seed: Optional[int]) -> Optional[int]:
     if seed is not None or not is_distributed():
         return seed
     return broadcast_int(int(torch.randint(0, 2**31 - 1, (1,)).item()) if rank() == 0 else 0)
+
+
+# --------------------------------------------------------------------------- FSDP2
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a ``DTensor`` (a parameter sharded by ``fully_shard`` or tensor parallelism)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - builds without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _dendrite_params(model: nn.Module) -> List[nn.Parameter]:
+    from ..surgery import dendritic_layers
+
+    return [p for layer in dendritic_layers(model).values() for p in layer.dendrites.parameters()]
+
+
+def shard_dendritic(model: nn.Module, *, shard_root: bool = True, **fsdp_kwargs: Any) -> nn.Module:
+    """FSDP2 (``fully_shard``) for a model that will keep growing dendrites.
+
+    Every wrapped layer's ``base`` becomes its own FSDP unit (then the root, unless ``shard_root=False``,
+    for the parameters outside wrapped layers); the dendrites are left out of every FSDP group and stay
+    ordinary, replicated tensors. FSDP's parameter groups are fixed when ``fully_shard`` runs, so this is
+    what lets growth add and drop dendrites later without resharding: the base weights (most of a model)
+    stay sharded, the dendrites live whole on every rank like DDP parameters. Their gradients are averaged
+    over ranks by :func:`sync_dendrite_grads`, which the training loop calls after ``loss.backward()``::
+
+        net = td.add_dendrites(model)
+        shard_dendritic(net)                  # after add_dendrites, before the optimizer
+        ctl = td.GrowthController(net, cfg)   # every rank grows identical dendrites (shared seed)
+        ...
+        loss.backward()
+        sync_dendrite_grads(net)
+        opt.step()
+        ...
+        if ctl.step(val_score).restructured:
+            opt = make_optimizer(net)         # FSDP itself needs no re-wrapping
+
+    Sharding finer units yourself (say, each transformer block) works too, provided the dendrite
+    parameters are passed as ``ignored_params`` (or the layers have no dendrites yet when you shard).
+
+    Args:
+        model: a model prepared with :func:`torch_dendrites.add_dendrites`, inside an initialised process
+            group.
+        shard_root: also ``fully_shard`` the model itself (the usual FSDP2 recipe).
+        fsdp_kwargs: passed to every ``fully_shard`` call (``mesh``, ``reshard_after_forward``,
+            ``mp_policy``...); ``ignored_params`` is extended with the dendrite parameters.
+
+    Returns:
+        ``model``, sharded in place.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    from ..errors import TargetError
+    from ..surgery import dendritic_layers
+
+    layers = dendritic_layers(model)
+    if not layers:
+        raise TargetError("shard_dendritic needs a model with dendritic layers; call td.add_dendrites(model) first.")
+    if not (dist.is_available() and dist.is_initialized()):
+        raise TargetError("shard_dendritic needs an initialised process group (torch.distributed.init_process_group).")
+    ignored = set(fsdp_kwargs.pop("ignored_params", None) or ()) | set(_dendrite_params(model))
+    for layer in layers.values():
+        fully_shard(layer.base, **fsdp_kwargs)
+    if shard_root:
+        fully_shard(model, ignored_params=ignored, **fsdp_kwargs)
+    return model
+
+
+def _replicated_grads(model: nn.Module) -> List[torch.Tensor]:
+    return [p.grad for p in model.parameters() if p.grad is not None and not is_sharded(p)]
+
+
+def sync_dendrite_grads(model: nn.Module) -> None:
+    """Average over ranks the gradients of every parameter that FSDP does not manage (the dendrites).
+
+    Call it after ``loss.backward()`` and before ``optimizer.step()`` in a model sharded with
+    :func:`shard_dendritic`: FSDP reduce-scatters the base weights' gradients itself, the replicated
+    dendrite gradients are all-reduced here in one flat buffer per dtype. A no-op outside a multi-process
+    run. (Under DDP it is not needed: DDP averages every gradient.)
+    """
+    if not is_distributed():
+        return
+    grads = _replicated_grads(model)
+    world = dist.get_world_size()
+    dev = _device()
+    by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for group in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in group]).to(dev)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= world
+        offset = 0
+        for g in group:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def replicas_agree(tensors: List[torch.Tensor]) -> bool:
+    """Whether ``tensors`` (the same list on every rank) hold the same values on every rank (a checksum)."""
+    if not is_distributed():
+        return True
+    s = torch.zeros(2, dtype=torch.float64)
+    for t in tensors:
+        d = t.detach().to("cpu", torch.float64)
+        s[0] += d.sum()
+        s[1] += d.abs().sum()
+    both = torch.cat([s, -s]).to(_device())
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    hi, lo = both[:2].cpu(), -both[2:].cpu()
+    return bool(torch.allclose(hi, lo, rtol=1e-9, atol=1e-12))
+
+
+def full_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``state`` with every sharded tensor gathered whole (a collective: call it on every rank)."""
+    return {k: (v.full_tensor() if is_sharded(v) else v) for k, v in state.items()}
+
+
+def shard_like(state: Dict[str, torch.Tensor], reference: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``state`` with each whole tensor cut to the sharding of ``reference``'s tensor of the same key.
+
+    Each rank keeps its own shard of the (identical) whole tensor it holds, so no communication happens.
+    """
+    if not any(is_sharded(v) for v in reference.values()):
+        return state
+    from torch.distributed.tensor import distribute_tensor
+
+    out = {}
+    for k, v in state.items():
+        ref = reference.get(k)
+        if ref is not None and is_sharded(ref) and not is_sharded(v):
+            v = distribute_tensor(v.to(ref.device), ref.device_mesh, ref.placements, src_data_rank=None)
+        out[k] = v
+    return out

@@ -309,3 +309,13 @@ def test_figure_is_drawn_only_at_growth_and_done(tmp_path, monkeypatch):
     res = run(model, ctl, [0.1, 0.2, 0.3, 0.3, 0.3, 0.4, 0.4, 0.4])
     assert [r.event for r in res] == ["", "", "", "", "grow", "", "", "done"]
     assert calls == ["grow", "done"]
+
+
+def test_correlation_training_refuses_types_without_candidates():
+    net = td.add_dendrites(
+        torch.nn.Sequential(torch.nn.Linear(4, 3)),
+        td.DendriteConfig(dendrite_type="lowrank", dendrite_options={"rank": 2}),
+    )
+    with pytest.raises(td.ConfigError, match="lowrank"):
+        td.GrowthController(net, td.GrowthConfig(dendrite_training="correlation"))
+    td.GrowthController(net, td.GrowthConfig(dendrite_training="gd"))  # fine

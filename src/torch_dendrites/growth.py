@@ -149,6 +149,19 @@ class GrowthController:
                 "distributed.shard_dendritic(model), which shards the base layers and keeps the dendrites "
                 "replicated, or shard a model whose structure is final (mode='never')."
             )
+        if cfg.dendrite_training == "correlation":
+            unable = sorted(
+                {
+                    layer.dendrite_type
+                    for layer in dendritic_layers(model).values()
+                    if not getattr(layer.dendrites, "supports_correlation", False)
+                }
+            )
+            if unable:
+                raise ConfigError(
+                    f"dendrite_training='correlation' needs dendrites that can hold candidates; dendrite_type "
+                    f"{unable} cannot. Use DendriteConfig(dendrite_type='cascade') or dendrite_training='gd'."
+                )
         self.model = model
         self.config = cfg
         self.out_dir = None if out_dir is None else Path(out_dir)

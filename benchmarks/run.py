@@ -53,8 +53,10 @@ def run_one(task, arm, seed, quick, target, work: Path) -> dict:
     # stdin closed: the peer library's interactive prompts and pdb stops fail fast instead of hanging
     proc = subprocess.run(cmd, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not out.exists():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"task": task, "arm": arm, "seed": seed, "error": f"exit {proc.returncode}: {' | '.join(tail)}"}
+        lines = [ln.strip() for ln in (proc.stdout + "\n" + proc.stderr).splitlines()]
+        lines = [ln for ln in lines if ln and "Warning" not in ln and not ln.startswith("warnings.warn")]
+        how = f"exit {proc.returncode}" + (" (sys.exit) without a result" if proc.returncode == 0 else "")
+        return {"task": task, "arm": arm, "seed": seed, "error": f"{how}: {' | '.join(lines[-4:])}"}
     return json.loads(out.read_text())
 
 
@@ -94,7 +96,7 @@ def write_results(task, rows, seeds, quick, out_dir: Path):
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore", restval="")
         w.writeheader()
         w.writerows(rows)
-    by_arm = {arm: [r for r in rows if r["arm"] == arm] for arm in ARMS}
+    by_arm = {arm: [r for r in rows if r["arm"] == arm] for arm in ARMS + list(t.extra_arms)}
     base_wall = mean_sd([r.get("wall_s") for r in by_arm["baseline"] if "wall_s" in r])[0]
     lines = [
         f"# {task}{' (quick smoke run: not a result)' if quick else ''}",
@@ -126,6 +128,9 @@ def write_results(task, rows, seeds, quick, out_dir: Path):
         for ref in ("baseline", "width-matched", "perforatedai"):
             lines.append(verdict(arm, by_arm[arm], by_arm[ref], ref))
     lines.append(verdict("perforatedai", by_arm["perforatedai"], by_arm["width-matched"], "width-matched"))
+    for extra in t.extra_arms:
+        subset = next((r["subset"] for r in by_arm[extra] if "subset" in r), "")
+        lines.append(verdict("gd", by_arm["gd"], by_arm[extra], extra) + (f" ({extra}: {subset})" if subset else ""))
     (out_dir / f"{task}.md").write_text("\n".join(lines) + "\n")
     plot(task, by_arm, out_dir / f"{task}.png")
     return "\n".join(lines)
@@ -173,8 +178,8 @@ def main(argv=None):
             for seed in seeds:
                 gd = None
                 # gd runs before width-matched, which matches its final size
-                order = ["baseline", "gd", "correlation", "width-matched", "perforatedai"]
-                for arm in [a for a in order if a in arms]:
+                order = ["baseline", "gd", "correlation", "width-matched", "perforatedai", *TASKS[task].extra_arms]
+                for arm in [a for a in order if a in arms or a in TASKS[task].extra_arms]:
                     target = None
                     if arm == "width-matched":
                         if gd is None or "params" not in gd:

@@ -118,7 +118,14 @@ def run_peer(task, seed, splits, quick=False):
     pc.set_testing_dendrite_capacity(False)  # not its "add a set every epoch" test mode
     pc.set_perforated_backpropagation(False)  # its GD dendrites (the correlation mode is licensed)
     pc.set_unwrapped_modules_confirmed(True)  # no pdb stop for parameters outside wrapped layers
-    pc.set_module_names_to_perforate(["Conv2d", "Linear"])
+    if task.peer_only:  # the same layers as ours (e.g. only the LoRA adapters; frozen layers make it stop)
+        pc.set_module_names_to_perforate([])
+        ids = [
+            n for n, m in model.named_modules() if task.peer_only in n + "." and type(m).__name__ in task.peer_modules
+        ]
+        pc.set_module_ids_to_perforate(["." + n for n in ids])
+    else:
+        pc.set_module_names_to_perforate(list(task.peer_modules))
     # quick runs switch every epoch (to exercise growth), real runs on a plateau of `patience` epochs
     pc.set_switch_mode(pc.DOING_SWITCH_EVERY_TIME if quick else pc.DOING_HISTORY)
     pc.set_n_epochs_to_switch(task.patience)
@@ -128,6 +135,10 @@ def run_peer(task, seed, splits, quick=False):
     pc.set_drawing_extra_graphs(False)
     pc.set_silent(True)
     model = UPA.perforate_model(model, save_name="pai", making_graphs=False, maximizing_score=True)
+    if task.peer_output_dims is not None:  # [batch, tokens, C] outputs: the layout its docs ask for
+        for m in model.modules():
+            if hasattr(m, "set_this_output_dimensions"):
+                m.set_this_output_dimensions(list(task.peer_output_dims))
     GPA.pai_tracker.set_optimizer(torch.optim.Adam)
 
     def make_opt(m):
@@ -166,7 +177,7 @@ def run_peer(task, seed, splits, quick=False):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--task", required=True, choices=sorted(TASKS))
-    ap.add_argument("--arm", required=True, choices=["baseline", "width-matched", "gd", "correlation", "perforatedai"])
+    ap.add_argument("--arm", required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--target-params", type=int, default=None)
@@ -180,6 +191,14 @@ def main(argv=None):
         task = quick_variant(task)
     if args.arm == "width-matched" and args.target_params is None:
         ap.error("--target-params is required for the width-matched arm")
+    if args.arm in task.extra_arms:
+        res = task.run_extra(args.arm, args.seed, args.quick)
+        res.update(task=task.name, arm=args.arm, seed=args.seed, quick=args.quick, epoch_budget=res["epochs"])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res))
+        return 0
+    if args.arm not in ("baseline", "width-matched", "gd", "correlation", "perforatedai"):
+        ap.error(f"--arm {args.arm!r} is not an arm of task {task.name!r}")
     splits = task.data(args.seed, args.quick)
     if args.arm == "perforatedai":
         res = run_peer(task, args.seed, splits, args.quick)

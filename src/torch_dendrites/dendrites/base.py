@@ -102,6 +102,17 @@ class DendriteStack(nn.Module):
             )
         return p
 
+    def _single_input(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The layer's input tensor (types that build their own weights run the layer's algebra on it)."""
+        if len(args) == 1 and not kwargs:
+            return args[0]
+        if not args and set(kwargs) == {"input"}:  # nn.Linear / nn.Conv called as layer(input=x)
+            return kwargs["input"]
+        raise StateError(
+            f"dendrite_type={self.type_name!r} dendrites read the layer's single input tensor, but the layer was "
+            f"called with {len(args)} positional and {len(kwargs)} keyword arguments."
+        )
+
     def extra_repr(self) -> str:
         return f"num_dendrites={self.num_dendrites}, num_neurons={self.num_neurons}"
 

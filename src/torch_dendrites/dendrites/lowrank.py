@@ -134,12 +134,7 @@ class LowRankDendrites(DendriteStack):
         units = list(self.units)
         if not units:
             return y
-        if len(args) != 1 or kwargs:
-            raise StateError(
-                f"dendrite_type='lowrank' dendrites read the layer's single input tensor, but the layer was called "
-                f"with {len(args)} positional and {len(kwargs)} keyword arguments."
-            )
-        a = self._pre_activations(args[0])
+        a = self._pre_activations(self._single_input(args, kwargs))
         k, c = len(units), self.num_neurons
         if a.shape[p] != k * c:
             raise StateError(

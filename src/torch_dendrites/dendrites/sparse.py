@@ -192,13 +192,8 @@ class SparseDendrites(DendriteStack):
         units = list(self.units)
         if not units:
             return y
-        if len(args) != 1 or kwargs:
-            raise StateError(
-                f"dendrite_type={self.type_name!r} dendrites read the layer's single input tensor, but the layer was "
-                f"called with {len(args)} positional and {len(kwargs)} keyword arguments."
-            )
         k, c = len(units), self.num_neurons
-        a = self._pre_activations(args[0], units)
+        a = self._pre_activations(self._single_input(args, kwargs), units)
         if a.shape[p] != k * c:
             raise StateError(
                 f"the sparse dendrites produced {a.shape[p]} channels on axis {p} for {k} branches of {c} neurons; "

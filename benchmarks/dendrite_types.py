@@ -294,7 +294,9 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="synthetic data, tiny sizes: a smoke run, not a result")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    ap.add_argument("--threads", type=int, default=2)
+    # One torch thread by default: on 2 shared cores, two OpenMP threads competing with other jobs ran some
+    # arms 10x slower than one thread did.
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
         "--init-scales", type=float, nargs="+", default=[0.01, 1.0],
         help="DendriteConfig.init_scale values to run every dendrite arm with (0.01 is the library default)",

@@ -303,6 +303,30 @@ class TopLayers(nn.Module):
 _BASE = {}
 
 
+def _truncate(model: nn.Module) -> nn.Module:
+    """Keep the top ``LORA_TOP`` decoder layers; drop the token table (the cache replaces it)."""
+    layers = _decoder_layers(model)
+    keep = nn.ModuleList(list(layers)[len(layers) - LORA_TOP :])
+    for m in list(model.modules()):
+        for child_name, child in m.named_children():
+            if child is layers:
+                setattr(m, child_name, keep)
+            if isinstance(child, nn.Embedding) and child_name in ("embed_tokens", "wte"):
+                setattr(m, child_name, nn.Embedding(1, child.embedding_dim))  # unused with inputs_embeds
+            if isinstance(child, nn.Embedding) and child_name == "wpe":
+                nn.init.zeros_(child.weight)
+    for attr in ("num_hidden_layers", "n_layer"):
+        if hasattr(model.config, attr):
+            setattr(model.config, attr, LORA_TOP)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[-LORA_TOP:]
+    for i, layer in enumerate(keep):  # attention layers index their KV cache by layer number
+        for m in layer.modules():
+            if hasattr(m, "layer_idx"):
+                m.layer_idx = i
+    return model
+
+
 def _top_model(quick: bool) -> nn.Module:
     import copy
 
@@ -314,38 +338,37 @@ def _top_model(quick: bool) -> nn.Module:
             cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, num_labels=2, pad_token_id=0)  # fmt: skip
             torch.manual_seed(0)
-            model = LlamaForSequenceClassification(cfg)
+            model = _truncate(LlamaForSequenceClassification(cfg))
         else:
-            model = load_lm()[1]
-        layers = _decoder_layers(model)
-        keep = nn.ModuleList(list(layers)[len(layers) - LORA_TOP :])
-        for m in list(model.modules()):
-            for child_name, child in m.named_children():
-                if child is layers:
-                    setattr(m, child_name, keep)
-                if isinstance(child, nn.Embedding) and child_name in ("embed_tokens", "wte"):
-                    setattr(m, child_name, nn.Embedding(1, child.embedding_dim))  # unused with inputs_embeds
-                if isinstance(child, nn.Embedding) and child_name == "wpe":
-                    nn.init.zeros_(child.weight)
-        for attr in ("num_hidden_layers", "n_layer"):
-            if hasattr(model.config, attr):
-                setattr(model.config, attr, LORA_TOP)
-        if hasattr(model.config, "layer_types") and model.config.layer_types:
-            model.config.layer_types = model.config.layer_types[-LORA_TOP:]
-        for i, layer in enumerate(keep):  # attention layers index their KV cache by layer number
-            for m in layer.modules():
-                if hasattr(m, "layer_idx"):
-                    m.layer_idx = i
+            model = _top_from_cache()
         _BASE[key] = model
     return copy.deepcopy(_BASE[key])
+
+
+def _top_from_cache() -> nn.Module:
+    """The truncated model, saved once (config JSON + safetensors) so that arms need not load the GGUF."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    folder = DATA / "cache" / f"lora_{os.environ.get('BENCH_LM', 'smollm2')}_top{LORA_TOP}_model"
+    if (folder / "model.safetensors").exists():
+        model = _truncate(AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(folder)))
+        model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+        return model
+    torch.manual_seed(0)  # the new classification head's init
+    model = _truncate(load_lm()[1])
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    return model
 
 
 def lora_model(width: float = 1.0, quick: bool = False) -> nn.Module:
     """The top layer(s) with LoRA of rank ``round(8 * width)`` on the attention's q and v projections."""
     from peft import LoraConfig, get_peft_model
 
-    torch.manual_seed(0)  # the head's init does not depend on the width
     model = _top_model(quick)
+    torch.manual_seed(0)  # LoRA's init: the same in every arm
     rank = max(1, round(8 * width))
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     targets = [t for t in ("q_proj", "v_proj", "c_attn") if t in names]

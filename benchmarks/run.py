@@ -91,8 +91,10 @@ def verdict(name, arm_rows, ref_rows, ref_name):
 def write_results(task, rows, seeds, quick, out_dir: Path):
     t = quick_variant(TASKS[task]) if quick else TASKS[task]
     out_dir.mkdir(parents=True, exist_ok=True)
+    for r in rows:  # dendrite sets grown during the run, kept or rolled back
+        r["grown"] = sum(1 for _, event in r.get("events", []) if event in ("grow", "retry", "candidates"))
     with open(out_dir / f"{task}.csv", "w", newline="") as f:
-        cols = ["task", "arm", "seed", "params", "dendrites", "epochs", "best_val", "test", "wall_s", "error"]
+        cols = ["task", "arm", "seed", "params", "dendrites", "grown", "epochs", "best_val", "test", "wall_s", "error"]
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore", restval="")
         w.writeheader()
         w.writerows(rows)

@@ -25,7 +25,10 @@ def test_quick_benchmarks_run_every_arm(tmp_path):
         want = {"baseline", "width-matched", "gd", "correlation", "perforatedai"}
         assert set(arms) == (want | {"minilm-finetune"} if task == "imdb" else want), task
         assert all(not r["error"] for r in rows), [r["error"] for r in rows if r["error"]]
-        assert int(arms["gd"]["dendrites"]) >= 1 and int(arms["correlation"]["dendrites"]) >= 1, task
+        # growth ran in both of our dendritic arms (a set that did not help is rolled back) and in the peer's
+        assert int(arms["gd"]["grown"]) >= 1 and int(arms["correlation"]["grown"]) >= 1, task
+        if task in ("tabular", "mnist", "lora"):  # tasks where the quick run's sets are known to help
+            assert int(arms["gd"]["dendrites"]) >= 1, task
         md = (tmp_path / f"{task}.md").read_text()
         assert "quick smoke run: not a result" in md and "Verdicts" in md
         assert (tmp_path / f"{task}.png").stat().st_size > 1000

@@ -71,8 +71,11 @@ class DendriteConfig:
             (``"fc1"`` matches ``"encoder.fc1"``) or as a regular expression over the whole path.
         filter_fn: ``filter_fn(module, name) -> bool``, the escape hatch for any other rule.
         exclude: module paths never to wrap (same matching rules as ``target_names``).
-        dendrite_type: the dendrite kind; ``"cascade"`` is the gradient-descent cascade of DESIGN.md.
-        dendrite_options: extra options passed to the dendrite type.
+        dendrite_type: the dendrite kind: ``"cascade"`` (the gradient-descent cascade of DESIGN.md),
+            ``"lowrank"``, ``"sparse"``, ``"sparse_linear"``, ``"gated"``, or one registered with
+            :func:`~torch_dendrites.register_dendrite_type`.
+        dendrite_options: extra options passed to the dendrite type (``rank``, ``branch_inputs``,
+            ``context_dim``...; see each type's module docstring).
         activation: the dendrite nonlinearity, ``"sigmoid"`` or ``"tanh"``.
         init_scale: new dendrite weights are the layer type's default initialisation times this.
         neuron_axis: override of the output axis that holds the neurons (``-1`` for Linear,

@@ -226,3 +226,14 @@ def test_stale_optimizer_is_refused_by_save_latest(tmp_path):
     assert ctl.step(0.4).event == "retry"  # the failed set is removed: `opt` now holds stale parameters
     with pytest.raises(td.StateError, match="rebuild"):
         ctl.save_latest(opt)
+
+
+def test_load_leaves_the_global_random_state_alone(tmp_path):
+    net = td.add_dendrites(torch.nn.Sequential(torch.nn.Linear(4, 3)))
+    td.grow(net)
+    td.grow(net)
+    td.save(tmp_path / "ckpt", net)
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    state = torch.get_rng_state()
+    td.load(tmp_path / "ckpt", fresh)
+    assert torch.equal(torch.get_rng_state(), state) and fresh[0].num_dendrites == 2

@@ -484,7 +484,7 @@ def _set_candidates(model: nn.Module, counts: Dict[str, int]):
         before[name] = (layer.dendrites, layer.dendrites.candidates, layer.dendrites.correlation)
         layer.dendrites.clear_candidates()
         if counts.get(name, 0):
-            layer.dendrites.add_candidates(counts[name])
+            layer.dendrites.add_candidates(counts[name], torch.Generator().manual_seed(0))
 
     def undo():
         for dendrites, candidates, correlation in before.values():
@@ -562,7 +562,11 @@ def load(
     added = _apply_structure(model, recipe, path)
     undo = undo_candidates = None
     try:
-        undo = set_dendrite_counts(model, {entry["path"]: entry["num_dendrites"] for entry in recipe["layers"]})
+        # The placeholder dendrites are overwritten by the saved weights: drawn from a private generator so
+        # that loading leaves the global random state alone.
+        scratch = torch.Generator().manual_seed(0)
+        counts = {entry["path"]: entry["num_dendrites"] for entry in recipe["layers"]}
+        undo = set_dendrite_counts(model, counts, scratch)
         undo_candidates = _set_candidates(
             model, {entry["path"]: entry.get("candidates", 0) for entry in recipe["layers"]}
         )

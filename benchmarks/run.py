@@ -134,6 +134,7 @@ def write_results(task, rows, seeds, quick, out_dir: Path):
         subset = next((r["subset"] for r in by_arm[extra] if "subset" in r), "")
         lines.append(verdict("gd", by_arm["gd"], by_arm[extra], extra) + (f" ({extra}: {subset})" if subset else ""))
     (out_dir / f"{task}.md").write_text("\n".join(lines) + "\n")
+    (out_dir / f"{task}.json").write_text(json.dumps(rows))  # every run with its curve, to redraw or re-table
     plot(task, by_arm, out_dir / f"{task}.png")
     return "\n".join(lines)
 
@@ -154,7 +155,11 @@ def plot(task, by_arm, path):
     ax1.set_ylabel("validation score")
     ax1.set_title(f"{task}: validation per epoch (all seeds)")
     ax1.legend(fontsize=8)
-    ax2.set_xscale("log")
+    sizes = [r["params"] for rs in by_arm.values() for r in rs if "params" in r]
+    if sizes and max(sizes) > 3 * min(sizes):  # a log axis only where sizes span a range (else unreadable ticks)
+        ax2.set_xscale("log")
+    else:
+        ax2.ticklabel_format(axis="x", style="sci", scilimits=(0, 0), useOffset=False)
     ax2.set_xlabel("parameters")
     ax2.set_ylabel("test at best validation")
     ax2.set_title("test score vs size")

@@ -319,3 +319,31 @@ def test_correlation_training_refuses_types_without_candidates():
     with pytest.raises(td.ConfigError, match="lowrank"):
         td.GrowthController(net, td.GrowthConfig(dendrite_training="correlation"))
     td.GrowthController(net, td.GrowthConfig(dendrite_training="gd"))  # fine
+
+
+class _Writer:
+    def __init__(self):
+        self.scalars, self.texts = [], []
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def add_text(self, tag, text, step):
+        self.texts.append((tag, text, step))
+
+
+def test_writer_gets_scores_structure_and_events():
+    net = td.add_dendrites(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    w = _Writer()
+    ctl = td.GrowthController(net, td.GrowthConfig(patience=1, max_dendrites=1), writer=w)
+    ctl.step(0.5, test=0.4)
+    ctl.step(0.5, test=0.4)  # no improvement: grows
+    tags = {(t, s) for t, _, s in w.scalars}
+    for tag in ("score", "smoothed", "best", "count", "parameters", "test"):
+        assert (f"dendrites/{tag}", 1) in tags and (f"dendrites/{tag}", 2) in tags
+    counts = [v for t, v, _ in w.scalars if t == "dendrites/count"]
+    params = [v for t, v, _ in w.scalars if t == "dendrites/parameters"]
+    assert counts == [0, 0] and params == [6, 6]  # logged as the epoch was scored, before the growth
+    assert w.texts == [("dendrites/event", "epoch 2: grow", 2)]
+    with pytest.raises(td.ConfigError, match="add_scalar"):
+        td.GrowthController(net, td.GrowthConfig(), writer=object())

@@ -117,6 +117,10 @@ class GrowthController:
         config: a :class:`~torch_dendrites.GrowthConfig`.
         out_dir: if given, ``history.csv``, ``architectures.csv``, ``growth.png`` and the best weights
             (``best/``) are written there.
+        writer: optional TensorBoard ``SummaryWriter`` (anything with ``add_scalar(tag, value, step)``):
+            each step logs ``dendrites/score``, ``dendrites/smoothed``, ``dendrites/best``,
+            ``dendrites/count``, ``dendrites/parameters`` and every extra score, and growth events as
+            text where the writer has ``add_text``. Only rank 0 writes.
 
     Example:
         >>> import torch, torch_dendrites as td
@@ -129,8 +133,20 @@ class GrowthController:
         (True, 1, 'grow')
     """
 
-    def __init__(self, model: nn.Module, config: Optional[GrowthConfig] = None, out_dir: Union[str, Path, None] = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: Optional[GrowthConfig] = None,
+        out_dir: Union[str, Path, None] = None,
+        writer: Any = None,
+    ):
         cfg = GrowthConfig() if config is None else config
+        if writer is not None and not callable(getattr(writer, "add_scalar", None)):
+            raise ConfigError(
+                f"writer={writer!r} has no add_scalar(tag, value, step); pass a "
+                "torch.utils.tensorboard.SummaryWriter (or anything with that method)."
+            )
+        self.writer = writer
         if not isinstance(cfg, GrowthConfig):
             raise ConfigError(f"config must be a torch_dendrites.GrowthConfig, got {type(cfg).__name__}.")
         if not isinstance(model, nn.Module):
@@ -366,6 +382,8 @@ class GrowthController:
         self.history.append(row)
         if self.out_dir is not None and self.writes_files:
             self._report(event)
+        if self.writer is not None and self.writes_files:
+            self._log_scalars(row, extras)
         return StepResult(
             improved=improved,
             restructured=restructured,
@@ -544,6 +562,19 @@ class GrowthController:
         return "done", True
 
     # ----------------------------------------------------------------- reporting
+    def _log_scalars(self, row: Dict[str, Any], extras: Dict[str, float]) -> None:
+        w, step = self.writer, row["epoch"]
+        w.add_scalar("dendrites/score", row["score"], step)
+        w.add_scalar("dendrites/smoothed", row["smoothed"], step)
+        if row["best"] is not None:
+            w.add_scalar("dendrites/best", row["best"], step)
+        w.add_scalar("dendrites/count", row["dendrites"], step)
+        w.add_scalar("dendrites/parameters", row["parameters"], step)
+        for k, v in extras.items():
+            w.add_scalar(f"dendrites/{k}", v, step)
+        if row["event"] and callable(getattr(w, "add_text", None)):
+            w.add_text("dendrites/event", f"epoch {step}: {row['event']}", step)
+
     def _report(self, event: str) -> None:
         from .reporting import Reporter
 

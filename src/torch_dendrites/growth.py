@@ -90,11 +90,9 @@ def _as_score(name: str, value: Any) -> float:
 
 
 def _has_dtensor(model: nn.Module) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - builds without distributed
-        return False
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    from .integrations.distributed import is_sharded
+
+    return any(is_sharded(p) for p in model.parameters())
 
 
 def _count_params(model: nn.Module) -> int:

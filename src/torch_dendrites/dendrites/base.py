@@ -1,8 +1,9 @@
-"""What the non-cascade dendrite types share: the bookkeeping of the dendrite-type interface.
+"""What the dendrite types share: the bookkeeping of the dendrite-type interface.
 
 :class:`DendriteStack` holds the wrapped layer (without adopting it as a child), the installed dendrites
 (``units``), and the parts of the interface that only cascade dendrites use for correlation training
-(``candidates`` stays empty, ``add_candidates`` refuses). Subclasses implement ``grow`` and ``forward``.
+(``candidates`` stays empty and ``add_candidates`` refuses, unless the type overrides them as the cascade
+does). Subclasses implement ``grow`` and ``forward``.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, StateError
+from ..layer import _uniform as uniform  # U(-bound, bound) drawn on the CPU: the same dendrites on every rank
 
-__all__ = ["DendriteStack", "check_int", "check_number", "check_choice"]
+__all__ = ["DendriteStack", "check_int", "check_number", "check_choice", "uniform"]
 
 
 def check_int(type_name: str, option: str, value: Any, minimum: int) -> int:
@@ -44,7 +46,7 @@ def check_choice(type_name: str, option: str, value: Any, choices: Sequence[str]
 
 
 class DendriteStack(nn.Module):
-    """Base class of the dendrite stacks other than the cascade.
+    """Base class of the dendrite stacks.
 
     Subclasses set ``type_name`` and implement ``grow(generator) -> int`` and
     ``forward(y, neuron_axis, *layer_args, **layer_kwargs)``.
@@ -149,10 +151,3 @@ def fan_in_shape(kind: str, base: nn.Module) -> tuple:
     if kind == "hf_conv1d":
         return (base.weight.shape[0],)
     return tuple(base.weight.shape[1:])
-
-
-def uniform(shape, bound: float, like: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """U(-bound, bound), drawn in float32 on the CPU so that a seeded generator gives the same dendrites on
-    every device and rank, then moved to ``like``'s device and dtype."""
-    t = torch.rand(shape, generator=generator, dtype=torch.float32) * (2 * bound) - bound
-    return t.to(device=like.device, dtype=like.dtype)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import StateError
+from .base import DendriteStack
 
 __all__ = ["CascadeDendrites", "Dendrite"]
 
@@ -125,7 +126,7 @@ class Dendrite(nn.Module):
             self.cascade_gain = None
 
 
-class CascadeDendrites(nn.Module):
+class CascadeDendrites(DendriteStack):
     """The dendrite stack of one wrapped layer (``dendrite_type="cascade"``).
 
     ``units`` holds the installed dendrites. ``candidates`` holds correlation-trained candidates while a
@@ -135,26 +136,14 @@ class CascadeDendrites(nn.Module):
     :mod:`torch_dendrites.correlation`).
     """
 
+    type_name = "cascade"
     # The growth controller's correlation training (candidates) drives this type only.
     supports_correlation = True
 
     def __init__(self, base: nn.Module, spec, activation: str = "sigmoid", init_scale: float = 0.01):
-        super().__init__()
-        # `base` is not registered here (it belongs to the DendriticLayer): kept in a tuple so that
-        # nn.Module does not adopt it as a child and duplicate its parameters.
-        self._base = (base,)
-        self.spec = spec
-        self.activation = activation
-        self.init_scale = float(init_scale)
-        self.num_neurons = spec.num_neurons(base)
+        super().__init__(base, spec, activation=activation, init_scale=init_scale)
         self.param_names = spec.param_names(base)
-        self.units = nn.ModuleList()
-        self.candidates = nn.ModuleList()
-        self.correlation = None  # CorrelationStats while candidates exist
-
-    @property
-    def num_dendrites(self) -> int:
-        return len(self.units)
+        # self.candidates / self.correlation (CorrelationStats) are filled during a candidate phase
 
     def _new_unit(self, generator: Optional[torch.Generator]) -> Dendrite:
         weights = self.spec.init_params(self._base[0], self.init_scale, generator)
@@ -164,10 +153,6 @@ class CascadeDendrites(nn.Module):
         d = self._new_unit(generator)
         self.units.append(d)
         return sum(p.numel() for p in d.parameters())
-
-    def truncate(self, k: int) -> None:
-        while len(self.units) > k:
-            del self.units[len(self.units) - 1]
 
     # ------------------------------------------------------------- correlation candidates
     def add_candidates(self, n: int, generator: Optional[torch.Generator] = None) -> None:
@@ -191,20 +176,11 @@ class CascadeDendrites(nn.Module):
         self.clear_candidates()
         return sum(p.numel() for p in d.parameters())
 
-    def clear_candidates(self) -> None:
-        self.candidates = nn.ModuleList()
-        self.correlation = None
-
     # ------------------------------------------------------------- forward
     def forward(self, y: torch.Tensor, neuron_axis: int, *args: Any, **kwargs: Any) -> torch.Tensor:
         ds = list(self.units)
         k, c = len(ds), self.num_neurons
-        p = neuron_axis % y.dim()
-        if y.shape[p] != c:
-            raise StateError(
-                f"the neuron axis {neuron_axis} of this layer's output {tuple(y.shape)} does not have its "
-                f"{c} neurons; set DendriteConfig(neuron_axis=...) to the output axis that holds them."
-            )
+        p = self._check_axis(y, neuron_axis)
         out, s = y, None
         if k:
             params = {n: [getattr(d, n) for d in ds] for n in self.param_names}

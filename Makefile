@@ -8,7 +8,7 @@ DATA_DIR ?= data
 export HF_HUB_OFFLINE := 1
 export MPLBACKEND := Agg
 
-.PHONY: venv demo test lint bench bench-data bench-tasks clean
+.PHONY: venv demo test test-all lint bench bench-data bench-tasks clean
 
 venv: $(VENV)/.installed
 
@@ -27,8 +27,14 @@ demo: venv
 	$(PY) examples/mnist/fetch_data.py --data-dir $(DATA_DIR)
 	$(PY) examples/mnist/demo.py --data-dir $(DATA_DIR) --out-dir runs/demo
 
+# The default suite (what CI runs): slow end-to-end tests are deselected in pyproject.toml.
 test: venv
 	$(PY) -m pytest -q src tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
+
+# Everything, slow end-to-end and multi-process tests included.
+test-all: venv
+	$(PY) -m pytest -q src tests -m ""; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
 
 lint: venv

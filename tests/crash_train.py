@@ -74,7 +74,8 @@ def main(out_dir):
 
     torch.manual_seed(0)
     model = td.add_dendrites(nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Dropout(0.1), nn.Linear(4, 2)))
-    cfg = td.GrowthConfig(mode="plateau", patience=2, max_dendrites=2, max_tries=2, seed=0, max_epochs=24)
+    # Fixed phase lengths: growth happens at epoch 3 whatever the trajectory (a plateau might never come).
+    cfg = td.GrowthConfig(mode="fixed", switch_every=3, max_dendrites=2, max_tries=2, seed=0, max_epochs=24)
     ctl = td.GrowthController(model, cfg, out_dir=out_dir)
     shuffle = torch.Generator().manual_seed(1)
 

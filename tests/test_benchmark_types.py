@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_quick_type_benchmark_runs_every_arm(tmp_path):
     res = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "dendrite_types.py"), "--quick", "--seeds", "1",

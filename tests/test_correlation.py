@@ -20,7 +20,7 @@ def fit_epoch(model, opt, x, y, loss_fn, steps=10):
         opt.step()
 
 
-def run(model, ctl, data, loss_fn, score_fn, lr=0.05, max_epochs=200, on_epoch=None):
+def run(model, ctl, data, loss_fn, score_fn, lr=0.05, max_epochs=200, on_epoch=None, until=None):
     (xtr, ytr), (xva, yva) = data
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     results = []
@@ -35,7 +35,7 @@ def run(model, ctl, data, loss_fn, score_fn, lr=0.05, max_epochs=200, on_epoch=N
             on_epoch(r)
         if r.restructured:
             opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-        if r.done:
+        if r.done or r.event == until:
             break
     return results
 
@@ -56,8 +56,10 @@ def test_candidate_phase_changes_nothing_but_candidates_and_correlation_rises():
     # A linear chain (with BatchNorm): it cannot fit the task's sigmoid residual, a candidate can.
     model = nn.Sequential(nn.Linear(2, 6), nn.BatchNorm1d(6), nn.Identity(), nn.Linear(6, 1))
     td.add_dendrites(model)
+    # Fixed phase lengths: the candidate phase starts at epoch 6 and lasts 8 epochs whatever the scores.
     cfg = td.GrowthConfig(
-        patience=2,
+        mode="fixed",
+        switch_every=6,
         max_dendrites=1,
         dendrite_training="correlation",
         candidate_max_epochs=8,
@@ -90,9 +92,9 @@ def test_candidate_phase_changes_nothing_but_candidates_and_correlation_rises():
         assert all(torch.equal(buffers[n], seen["buffers"][n]) for n in buffers)
         assert not all(torch.equal(a, b) for a, b in zip(_cands(model), seen["cand"]))  # candidates do train
 
-    res = run(model, ctl, data, nn.functional.mse_loss, neg_mse, on_epoch=watch)
+    res = run(model, ctl, data, nn.functional.mse_loss, neg_mse, on_epoch=watch, until="grow")
     events = [r.event for r in res]
-    assert "candidates" in events and "grow" in events
+    assert events == [""] * 5 + ["candidates"] + [""] * 7 + ["grow"]
     first = events.index("candidates")
     corr = ctl.history[first + 1 : first + 9]  # the first candidate phase: 8 epochs (the cap)
     assert all(row["phase"] == "candidate" for row in corr) and corr[-1]["event"] == "grow"
@@ -125,30 +127,58 @@ def accuracy(logits, y):
     return (logits.argmax(1) == y).float().mean().item()
 
 
-def capacity_arm(training):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(2, 2))  # logistic regression: the only wrapped layer is linear
-    if training == "none":
-        cfg = td.GrowthConfig(mode="never", patience=4)
-    else:
-        td.add_dendrites(model)
-        cfg = td.GrowthConfig(patience=6, max_dendrites=4, max_tries=3, dendrite_training=training, seed=0)
-    ctl = td.GrowthController(model, cfg)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run(model, ctl, xor_task(), nn.functional.cross_entropy, accuracy, lr=0.05, max_epochs=300)
-    return ctl.best_score, ctl.num_dendrites
+def train_fixed(model, epochs, lr=0.05):
+    """Train a fixed structure for a fixed number of epochs; the validation accuracy at the end."""
+    (xtr, ytr), (xva, yva) = xor_task()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(epochs):
+        fit_epoch(model, opt, xtr, ytr, nn.functional.cross_entropy)
+    model.eval()
+    with torch.no_grad():
+        return accuracy(model(xva), yva)
 
 
 def test_capacity_logistic_regression_on_xor():
-    linear, _ = capacity_arm("none")
-    corr, k_corr = capacity_arm("correlation")
-    gd, k_gd = capacity_arm("gd")
-    print(f"\nXOR validation accuracy: linear {linear:.3f}, correlation {corr:.3f} ({k_corr} dendrites), "
-          f"gd {gd:.3f} ({k_gd} dendrites)")  # fmt: skip
+    """Dendrites lift logistic regression past its linear limit on XOR, trained either way.
+
+    The structures are fixed (no waiting for a plateau): the gd arm gets two sets by hand; the correlation arm
+    is driven through exactly two candidate phases by fixed phase lengths and scripted scores, then trained
+    with its installed sets.
+    """
+    torch.manual_seed(0)
+    linear = train_fixed(nn.Sequential(nn.Linear(2, 2)), 40)
+
+    torch.manual_seed(0)
+    gd_model = td.add_dendrites(nn.Sequential(nn.Linear(2, 2)), td.DendriteConfig(init_scale=1.0))
+    for i in range(2):
+        td.grow(gd_model, torch.Generator().manual_seed(i))
+    gd = train_fixed(gd_model, 40)
+
+    torch.manual_seed(0)
+    corr_model = td.add_dendrites(nn.Sequential(nn.Linear(2, 2)), td.DendriteConfig(init_scale=1.0))
+    cfg = td.GrowthConfig(
+        mode="fixed", switch_every=5, max_dendrites=2, dendrite_training="correlation", seed=0,
+        candidate_max_epochs=10, candidate_patience=10,
+    )  # fmt: skip
+    ctl = td.GrowthController(corr_model, cfg)
+    (xtr, ytr), _ = xor_task()
+    events = []
+    while events.count("grow") < 2:
+        opt = torch.optim.Adam([p for p in corr_model.parameters() if p.requires_grad], lr=0.05)
+        fit_epoch(corr_model, opt, xtr, ytr, nn.functional.cross_entropy)
+        # Scripted, ever-rising scores: every set is kept, so the structure does not depend on the trajectory.
+        events.append(ctl.step(float(len(events))).event)
+    phase = ["candidates"] + [""] * 9 + ["grow"]
+    assert events == [""] * 4 + phase + [""] * 4 + phase
+    units = corr_model[0].dendrites.units
+    assert len(units) == 2 and all(u.correlation_trained for u in units)
+    corr = train_fixed(corr_model, 40)
+    print(f"\nXOR validation accuracy: linear {linear:.3f}, correlation {corr:.3f}, gd {gd:.3f}")
+    # Over seeds 0-5 the correlation arm scored 0.91-0.955 and the gd arm 0.94-0.98: the bounds leave room
+    # for another machine's floating-point path.
     assert linear < 0.70  # the linear limit on quadrant-XOR
-    assert corr > 0.90 and k_corr >= 1
-    assert gd > 0.90
+    assert corr > 0.85
+    assert gd > 0.88
 
 
 @pytest.mark.parametrize(
@@ -215,39 +245,47 @@ def test_covariance_over_every_non_channel_position(layer, x):
 def test_weak_correlation_warns_with_layer_names():
     torch.manual_seed(0)
     model = td.add_dendrites(nn.Sequential(nn.Linear(2, 1)))
-    cfg = td.GrowthConfig(patience=1, max_dendrites=1, dendrite_training="correlation", correlation_warning=1.0)
+    cfg = td.GrowthConfig(
+        mode="fixed", switch_every=2, max_dendrites=1, dendrite_training="correlation", correlation_warning=1.0,
+        candidate_max_epochs=2,
+    )  # fmt: skip
     ctl = td.GrowthController(model, cfg)
-    with pytest.warns(UserWarning, match=r"0 \("):
-        run(model, ctl, residual_task(), nn.functional.mse_loss, neg_mse, max_epochs=60)
+    with pytest.warns(UserWarning, match=r"0 \("):  # installed at epoch 4, whatever the scores
+        res = run(model, ctl, residual_task(), nn.functional.mse_loss, neg_mse, until="grow")
+    assert [r.event for r in res] == ["", "candidates", "", "grow"]
 
 
 def test_save_and_resume_in_the_middle_of_a_candidate_phase(tmp_path):
-    def build():
-        torch.manual_seed(0)
-        return td.add_dendrites(nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1)))
-
+    torch.manual_seed(0)
+    model = td.add_dendrites(nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1)))
     cfg = td.GrowthConfig(patience=1, max_dendrites=2, dendrite_training="correlation", seed=0, candidate_max_epochs=3)
-    model = build()
     ctl = td.GrowthController(model, cfg)
-    data = residual_task()
-    stop = {}
+    (xtr, ytr), _ = residual_task()
 
-    def halt(r):
-        if ctl.phase == "candidate" and ctl.epoch - ctl.cand_start == 1:
-            stop["now"] = True
-            raise KeyboardInterrupt
+    def epoch():
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+        fit_epoch(model, opt, xtr, ytr, nn.functional.mse_loss)
 
-    with pytest.raises(KeyboardInterrupt):
-        run(model, ctl, data, nn.functional.mse_loss, neg_mse, on_epoch=halt)
+    # Scripted scores: a best, then a plateau of `patience` epochs starts the candidate phase.
+    epoch()
+    assert ctl.step(-1.0).improved
+    epoch()
+    assert ctl.step(-2.0).event == "candidates"
+    epoch()  # one epoch of candidate training
+    assert ctl.step(-1.0).event == "" and ctl.phase == "candidate" and ctl.epoch - ctl.cand_start == 1
+    cands = _cands(model)
+    assert cands and any(c.abs().sum() > 0 for c in cands)
+
     td.save(tmp_path / "ck", model, ctl)
     model2 = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1))
     ctl2 = td.GrowthController(td.add_dendrites(copy.deepcopy(model2)), cfg)
     td.remove_dendrites(ctl2.model)
     ctl2.model = model2
     td.load(tmp_path / "ck", model2, ctl2)
-    assert ctl2.phase == "candidate"
+    assert ctl2.phase == "candidate" and ctl2.epoch == ctl.epoch and ctl2.cand_start == ctl.cand_start
     trainable = sorted(n for n, p in model2.named_parameters() if p.requires_grad)
     assert trainable and all(".candidates." in n for n in trainable)
+    assert model.state_dict().keys() == model2.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
 
 

@@ -43,13 +43,28 @@ def reference(tmp_path_factory):
     proc = run(out)
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
-    assert info["dendrites"] >= 1 and not info["resumed"]  # the run does grow
+    assert not info["resumed"]
     state, history, counts = final_state(out)
-    assert any(r["event"] == "grow" for r in history)
+    assert history[2]["event"] == "grow"  # the run does grow (fixed phases: at epoch 3)
     return state, history, counts
 
 
-@pytest.mark.parametrize("crash", ["epoch:3", "epoch:9", "write:4", "write:10", "write:17", "swap:6", "swap:13"])
+# One crash point runs by default (killed between a swap's two renames); the others with `make test-all`.
+_slow = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "crash",
+    [
+        "swap:6",
+        pytest.param("epoch:3", marks=_slow),
+        pytest.param("epoch:9", marks=_slow),
+        pytest.param("write:4", marks=_slow),
+        pytest.param("write:10", marks=_slow),
+        pytest.param("write:17", marks=_slow),
+        pytest.param("swap:13", marks=_slow),
+    ],
+)
 def test_killed_run_resumes_to_the_same_result(tmp_path, reference, crash):
     proc = run(tmp_path, crash)
     assert proc.returncode == -9, (proc.returncode, proc.stderr[-2000:])

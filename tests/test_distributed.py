@@ -50,8 +50,8 @@ def test_ranks_agree_and_match_one_process(runs):
     ref = one[0]
     assert r0["hash"] == r1["hash"]  # identical structure and weights on every rank
     assert r0["counts"] == r1["counts"] == ref["counts"]
-    assert max(r0["counts"].values()) >= 1  # at least one growth happened
     assert [h["event"] for h in r0["history"]] == [h["event"] for h in ref["history"]]
+    assert r0["history"][2]["event"] == "grow"  # fixed phases: a growth at epoch 3 on every rank
     assert len(r0["losses"]) == len(ref["losses"])
     assert max(abs(a - b) for a, b in zip(r0["losses"], ref["losses"])) < 1e-4
     two_model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
@@ -74,11 +74,13 @@ def test_local_scores_differ_but_decisions_agree(runs):
         assert abs(h["score"] - (a + b) / 2) < 1e-12  # decided on the mean
 
 
+@pytest.mark.slow
 def test_broadcast_seed_gives_identical_dendrites(tmp_path):
     r0, r1 = launch(2, tmp_path / "rec", tmp_path / "out", seed=None)
-    assert r0["hash"] == r1["hash"] and max(r0["counts"].values()) >= 1
+    assert r0["hash"] == r1["hash"] and r0["history"][2]["event"] == "grow"
 
 
+@pytest.mark.slow
 def test_fsdp2_growth_matches_one_process(tmp_path):
     """shard_dendritic: base weights sharded (DTensor), dendrites replicated; growth, best restore, save,
     resume and the drift check all work across 2 ranks and match one process over the same global batch."""

@@ -25,6 +25,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import data  # noqa: E402
+
 import torch_dendrites as td  # noqa: E402
 
 try:

@@ -218,11 +218,13 @@ def test_optimizer_scheduler_rng_round_trip(tmp_path):
 
 def test_stale_optimizer_is_refused_by_save_latest(tmp_path):
     model, _ = grown("mlp", sets=1)
-    ctl = td.GrowthController(model, td.GrowthConfig(patience=1, max_dendrites=3), out_dir=tmp_path)
+    cfg = td.GrowthConfig(patience=1, trial_warmup=1, max_dendrites=3)
+    ctl = td.GrowthController(model, cfg, out_dir=tmp_path)
     ctl.step(0.5)
     assert ctl.step(0.5).event == "grow"
     opt = torch.optim.SGD(model.parameters(), lr=0.1)  # rebuilt after growth, as it should be
     ctl.save_latest(opt)
+    ctl.step(0.4)
     assert ctl.step(0.4).event == "retry"  # the failed set is removed: `opt` now holds stale parameters
     with pytest.raises(td.StateError, match="rebuild"):
         ctl.save_latest(opt)

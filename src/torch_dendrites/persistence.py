@@ -578,7 +578,7 @@ def load(
             if t.dtype != expected[k].dtype:
                 raise CheckpointError(f"{path}: {k} was saved as {t.dtype}, the model has {expected[k].dtype}.")
         if controller is not None:
-            controller._check_state(ctl_state)
+            controller.validate_state(ctl_state, model)
         # FSDP2: each rank keeps its shard of the whole saved tensors.
         model.load_state_dict(shard_like(tensors, expected), strict=True)
     except Exception:
@@ -602,7 +602,7 @@ def load(
     if record is not None and recipe.get("skipped"):
         record.skipped = dict(recipe["skipped"])
     if controller is not None:
-        controller.load_state_dict(ctl_state)
+        controller.load_state_dict(ctl_state, model)
     if training is not None:
         _apply_training(path, training, optimizer, scheduler, rng, generators)
     return model

@@ -48,8 +48,8 @@ def check_choice(type_name: str, option: str, value: Any, choices: Sequence[str]
 class DendriteStack(nn.Module):
     """Base class of the dendrite stacks.
 
-    Subclasses set ``type_name`` and implement ``grow(generator) -> int`` and
-    ``forward(y, neuron_axis, *layer_args, **layer_kwargs)``.
+    Subclasses set ``type_name`` and implement ``new_unit(generator, index) -> nn.Module`` (one new dendrite,
+    not yet attached, that adds nothing to the output) and ``forward(y, neuron_axis, *layer_args, **layer_kwargs)``.
     """
 
     type_name = "?"
@@ -80,6 +80,20 @@ class DendriteStack(nn.Module):
             if p.is_floating_point():
                 return p
         return torch.empty(0)
+
+    def new_unit(self, generator: Optional[torch.Generator] = None, index: Optional[int] = None) -> nn.Module:
+        """Build (not attach) one more dendrite for every neuron; every random draw from ``generator``.
+
+        ``index`` is the position the unit will take (default: after the installed ones). Building and
+        attaching are apart so that growing a whole model can build every new unit before changing any layer.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement new_unit(generator, index)")
+
+    def grow(self, generator: Optional[torch.Generator] = None) -> int:
+        """Add one dendrite to every neuron (the output is unchanged). Returns the parameters added."""
+        unit = self.new_unit(generator)
+        self.units.append(unit)
+        return sum(p.numel() for p in unit.parameters())
 
     def truncate(self, k: int) -> None:
         while len(self.units) > k:

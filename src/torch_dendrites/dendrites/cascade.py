@@ -145,26 +145,34 @@ class CascadeDendrites(DendriteStack):
         self.param_names = spec.param_names(base)
         # self.candidates / self.correlation (CorrelationStats) are filled during a candidate phase
 
-    def _new_unit(self, generator: Optional[torch.Generator]) -> Dendrite:
-        weights = self.spec.init_params(self._base[0], self.init_scale, generator)
-        return Dendrite(weights, self.num_dendrites, self.num_neurons)
-
-    def grow(self, generator: Optional[torch.Generator] = None) -> int:
-        d = self._new_unit(generator)
-        self.units.append(d)
-        return sum(p.numel() for p in d.parameters())
+    def new_unit(
+        self, generator: Optional[torch.Generator] = None, index: Optional[int] = None, scale: Optional[float] = None
+    ) -> Dendrite:
+        """A new dendrite (not attached): the layer's default initialisation times ``scale`` (default
+        ``init_scale``), zero output gain, zero cascade gains from the ``index`` dendrites before it."""
+        weights = self.spec.init_params(self._base[0], self.init_scale if scale is None else scale, generator)
+        return Dendrite(weights, self.num_dendrites if index is None else index, self.num_neurons)
 
     # ------------------------------------------------------------- correlation candidates
-    def add_candidates(self, n: int, generator: Optional[torch.Generator] = None) -> None:
-        """Add ``n`` candidates (each wired to every installed dendrite); their output gains stay zero."""
+    def new_candidates(
+        self, n: int, generator: Optional[torch.Generator] = None, index: Optional[int] = None, scale=None
+    ) -> list:
+        """Build (not attach) ``n`` candidates wired to the ``index`` dendrites before them."""
+        return [self.new_unit(generator, index, scale) for _ in range(n)]
+
+    def attach_candidates(self, candidates: list) -> None:
+        """Make ``candidates`` this layer's candidates: their output gains stay zero and frozen."""
         from ..correlation import CorrelationStats
 
-        for _ in range(n):
-            d = self._new_unit(generator)
+        for d in candidates:
             d.out_gain.requires_grad_(False)
-            self.candidates.append(d)
+        self.candidates = nn.ModuleList(candidates)
         device = next(self._base[0].parameters()).device
         self.correlation = CorrelationStats(len(self.candidates), self.num_neurons, device)
+
+    def add_candidates(self, n: int, generator: Optional[torch.Generator] = None, scale=None) -> None:
+        """Add ``n`` candidates (each wired to every installed dendrite); their output gains stay zero."""
+        self.attach_candidates(list(self.candidates) + self.new_candidates(n, generator, scale=scale))
 
     def install_candidate(self, index: int) -> int:
         """Make candidate ``index`` a dendrite: input weights frozen, output gain trainable. Returns its size."""
@@ -176,11 +184,28 @@ class CascadeDendrites(DendriteStack):
         self.clear_candidates()
         return sum(p.numel() for p in d.parameters())
 
+    def frozen_unit_parameters(self) -> list:
+        """The input weights of correlation-trained dendrites (frozen for good once installed)."""
+        return [
+            p
+            for d in self.units
+            if getattr(d, "correlation_trained", False)
+            for p in d.parameters()
+            if not p.requires_grad
+        ]
+
     # ------------------------------------------------------------- forward
     def forward(self, y: torch.Tensor, neuron_axis: int, *args: Any, **kwargs: Any) -> torch.Tensor:
         ds = list(self.units)
         k, c = len(ds), self.num_neurons
         p = self._check_axis(y, neuron_axis)
+        if self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # Frozen input weights of correlation-trained dendrites get zero gradients, so that loops which
+            # read every parameter's .grad (p.data.add_(p.grad, ...)) work; GrowthController.step checks
+            # that no optimizer moved them (weight decay, momentum).
+            for w in self.frozen_unit_parameters():
+                if w.grad is None:
+                    w.grad = torch.zeros_like(w)
         out, s = y, None
         if k:
             params = {n: [getattr(d, n) for d in ds] for n in self.param_names}

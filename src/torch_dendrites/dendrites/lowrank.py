@@ -92,7 +92,7 @@ class LowRankDendrites(DendriteStack):
         self.groups = base.groups if self.kind == "conv" else 1
         self.fan_in_shape = fan_in_shape(self.kind, base)
 
-    def grow(self, generator: Optional[torch.Generator] = None) -> int:
+    def new_unit(self, generator: Optional[torch.Generator] = None, index: Optional[int] = None) -> nn.Module:
         like = self._like()
         r, g, c = self.rank, self.groups, self.num_neurons
         fan_in = math.prod(self.fan_in_shape)
@@ -100,9 +100,7 @@ class LowRankDendrites(DendriteStack):
         in_proj = uniform((g * r, *self.fan_in_shape), 1.0 / math.sqrt(fan_in), like, generator)
         out_proj = uniform((c, r), self.init_scale / math.sqrt(r), like, generator)
         bias = uniform((c,), self.init_scale / math.sqrt(fan_in), like, generator)
-        unit = LowRankDendrite(in_proj, out_proj, bias, self.num_dendrites)
-        self.units.append(unit)
-        return sum(p.numel() for p in unit.parameters())
+        return LowRankDendrite(in_proj, out_proj, bias, self.num_dendrites if index is None else index)
 
     def _pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """All dendrites' ``B A x + b``, shaped like the layer output with ``k * C`` neurons (dendrite-major)."""

@@ -159,16 +159,14 @@ class SparseDendrites(DendriteStack):
         dist = torch.cdist(centre, coords) + 1e-3 * torch.rand(c, n, generator=generator)
         return dist.topk(k, dim=1, largest=False).indices.sort(dim=1).values
 
-    def grow(self, generator: Optional[torch.Generator] = None) -> int:
+    def new_unit(self, generator: Optional[torch.Generator] = None, index: Optional[int] = None) -> nn.Module:
         like = self._like()
         c, k = self.num_neurons, self.branch_inputs
         bound = self.init_scale / math.sqrt(k)
-        index = self._draw_index(generator).to(like.device)
+        index = self._draw_index(generator).to(like.device)  # connectivity (the unit's position is irrelevant)
         weight = uniform((c, k), bound, like, generator)
         bias = uniform((c,), bound, like, generator)
-        unit = SparseDendrite(weight, bias, index, self.fan_in)
-        self.units.append(unit)
-        return sum(p.numel() for p in unit.parameters())
+        return SparseDendrite(weight, bias, index, self.fan_in)
 
     # ------------------------------------------------------------- forward
     def _pre_activations(self, x: torch.Tensor, units) -> torch.Tensor:

@@ -25,7 +25,7 @@ from .errors import (
 )
 from .growth import GrowthController, StepResult
 from .layer import DendriticLayer, LayerSpec, register_layer_type
-from .optim import sync_optimizer
+from .optim import param_groups, sync_optimizer
 from .persistence import load, save
 from .surgery import Summary, add_dendrites, dendritic_layers, grow, remove_dendrites, summary
 
@@ -51,6 +51,7 @@ __all__ = [
     "dendritic_layers",
     "grow",
     "load",
+    "param_groups",
     "register_dendrite_type",
     "register_layer_type",
     "remove_dendrites",

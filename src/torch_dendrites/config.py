@@ -215,7 +215,7 @@ class GrowthConfig:
     patience: int = 5
     switch_every: int = 10
     trial_warmup: int = 3
-    trial_max_epochs: Optional[int] = None
+    trial_max_epochs: Optional[int] = 30
     maximize: bool = True
     improvement_rel: float = 1e-4
     improvement_abs: float = 0.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -550,3 +551,30 @@ def test_malformed_controller_state_is_refused_and_changes_nothing(edit, match):
     with pytest.raises(td.StateError, match=match):
         fresh_ctl.load_state_dict(bad)
     assert fresh_ctl.epoch == 0 and fresh_ctl.history == [] and fresh_ctl.best_state is None
+
+
+def test_warns_when_the_optimizer_was_not_rebuilt_after_growth():
+    model = tiny()
+    ctl = td.GrowthController(model, td.GrowthConfig(patience=1, trial_warmup=1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 3)
+
+    def epoch():
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+    epoch()
+    ctl.step(0.5)
+    epoch()
+    assert ctl.step(0.4).restructured  # grew: the old optimizer does not hold the new dendrites
+    epoch()
+    with pytest.warns(UserWarning, match="sync_optimizer"):
+        ctl.step(0.45)
+    # rebuilt: no warning
+    assert ctl.step(0.4).event == "retry"
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    epoch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ctl.step(0.46)

@@ -89,6 +89,7 @@ class ModelActuator:
         self.correlation_warning = correlation_warning
         self.phase = CandidatePhase(self, self.layers)
         self._unit_sums: Tuple[List[torch.Tensor], List[float]] = ([], [])
+        self._new: Tuple[List[torch.Tensor], List[float]] = ([], [])  # parameters added by the last growth
         self.track_frozen_units()
 
     # ------------------------------------------------------------------ queries
@@ -199,12 +200,14 @@ class ModelActuator:
             elif action == Action.GROW:
                 for name, layer in self.layers().items():
                     layer.dendrites.units.append(built["units"][name])
+                self.watch([p for u in built["units"].values() for p in u.parameters()])
             elif action == Action.START_CANDIDATES:
                 self.phase.start(built["candidates"])
             elif action == Action.INSTALL_CANDIDATES:
                 # The frozen model is exactly the best epoch's (check_frozen ran before the decision).
                 weak = self.phase.install(self.correlation_warning)
                 self.track_frozen_units()
+                self.watch([layer.dendrites.units[-1].out_gain for layer in self.layers().values()])
                 if weak:
                     notes.append(
                         "correlation dendrites: the candidates of these layers barely correlate with their neurons' "
@@ -215,6 +218,21 @@ class ModelActuator:
             else:  # pragma: no cover - the transition table names no other action
                 raise StateError(f"unknown action {action!r}")
         return notes
+
+    # ------------------------------------------------------------------ optimizer traps
+    def watch(self, params: List[torch.Tensor]) -> None:
+        """Remember the trainable parameters just added, to tell whether an optimizer updates them."""
+        params = [p for p in params if p.requires_grad]
+        self._new = (params, checksum(params))
+
+    def unchanged_new_parameters(self) -> bool:
+        """True if the parameters added by the last growth received gradients but did not change at all (the
+        optimizer was not rebuilt or synced). Checked once per growth."""
+        params, sums = self._new
+        self._new = ([], [])
+        if not params or not any(p.grad is not None and bool(p.grad.any()) for p in params):
+            return False  # no gradient seen (no training since, or gradients cleared): nothing to tell
+        return checksum(params) == sums
 
     # ------------------------------------------------------------------ frozen weights
     def track_frozen_units(self) -> None:

@@ -371,6 +371,13 @@ class GrowthController:
         if distributed.is_distributed():
             score, extras = self._agree_across_ranks(score, extras)
         self.actuator.check_frozen()
+        if self.actuator.unchanged_new_parameters():
+            warnings.warn(
+                "the dendrite parameters added at the last restructured step received gradients but did not change: "
+                "the optimizer does not hold them. Rebuild the optimizer (or call td.sync_optimizer(opt, model)) "
+                "whenever step() returns restructured=True; otherwise the new dendrites never train.",
+                stacklevel=2,
+            )
         in_candidates = self.policy.state.phase == Phase.CANDIDATE
         cand_scores = self.actuator.candidate_scores() if in_candidates else None
         decision = self.policy.decide(score, cand_scores)

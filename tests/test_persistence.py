@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 import torch
+from ckpt_tools import edit_recipe, resign
 from models import CASES
 
 import torch_dendrites as td
@@ -103,16 +104,17 @@ def test_truncated_weights_and_edited_recipe(tmp_path):
     recipe = json.loads((folder / "recipe.json").read_text())
     recipe["layers"][0]["num_dendrites"] = "two"
     (folder / "recipe.json").write_text(json.dumps(recipe))
+    with pytest.raises(td.CheckpointError, match="checksum"):  # an edit without re-signing
+        td.load(folder, fresh("mlp"))
+    resign(folder)  # an edit by someone who knows the format: the structural checks catch it
     with pytest.raises(td.CheckpointError, match="num_dendrites"):
         td.load(folder, fresh("mlp"))
-    recipe["layers"][0]["num_dendrites"] = 3  # one more than the weights hold
-    (folder / "recipe.json").write_text(json.dumps(recipe))
+    edit_recipe(folder, lambda r: r["layers"][0].update(num_dendrites=3))  # one more than the weights hold
     m = fresh("mlp")
-    with pytest.raises(td.CheckpointError, match="missing keys"):
+    with pytest.raises(td.CheckpointError, match="num_dendrites=3 in the recipe but 2 in the weights"):
         td.load(folder, m)
     assert not td.dendritic_layers(m)
-    recipe["format_version"] = 99
-    (folder / "recipe.json").write_text(json.dumps(recipe))
+    edit_recipe(folder, lambda r: r.update(format_version=99))
     with pytest.raises(td.CheckpointError, match="newer"):
         td.load(folder, fresh("mlp"))
 
@@ -126,7 +128,9 @@ def test_ddp_and_compile_prefixes_accepted(tmp_path):
 
     folder = td.save(tmp_path / "m", model)
     state = {f"module._orig_mod.{k}": v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"))
+    save_id = json.loads((folder / "recipe.json").read_text())["save_id"]
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "torch-dendrites", "save_id": save_id})
+    resign(folder)
     loaded = td.load(folder, fresh("mlp"))
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
@@ -160,9 +164,7 @@ def test_summary_identical_after_load(tmp_path):
 def test_path_traversal_and_odd_layer_names_are_refused(tmp_path, bad_path):
     model, _ = grown("mlp")
     folder = td.save(tmp_path / "m", model)
-    recipe = json.loads((folder / "recipe.json").read_text())
-    recipe["layers"][0]["path"] = bad_path
-    (folder / "recipe.json").write_text(json.dumps(recipe))
+    edit_recipe(folder, lambda r: r["layers"][0].update(path=bad_path))
     m = fresh("mlp")
     with pytest.raises(td.CheckpointError, match="module path"):
         td.load(folder, m)

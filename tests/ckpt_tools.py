@@ -20,7 +20,7 @@ def read_recipe(folder) -> dict:
 
 def write_recipe(folder, recipe: dict, sign: bool = True) -> None:
     folder = Path(folder)
-    if sign and isinstance(recipe, dict) and recipe.get("format_version", 0) >= 2:
+    if sign and isinstance(recipe, dict) and "checksum" in recipe:  # format version 2 and later
         files = {}
         for p in sorted(folder.iterdir()):
             if p.name != "recipe.json":
@@ -71,3 +71,81 @@ def snapshot_files(root) -> dict:
         elif p.is_dir():
             out[str(p.relative_to(root))] = "dir"
     return out
+
+
+def _vm_size() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmSize")
+
+
+def in_child(fn, *, timeout: float = 60.0, extra_address_space: int = None, file_size: int = None, user: int = None):
+    """Run ``fn()`` in a forked child (cheap: torch is already imported) and return what happened as a
+    dict: ``{"ok": True, "result": ...}`` or ``{"ok": False, "error": class name, "library": bool,
+    "message": str}``, or ``{"timeout": True}`` / ``{"died": signal}``.
+
+    ``extra_address_space`` caps the child's virtual memory at its size now plus that many bytes
+    (``RLIMIT_AS``): an allocation beyond it fails instead of exhausting the machine. ``file_size`` caps
+    the size of files it writes (``RLIMIT_FSIZE``, a full disk). ``user`` switches to that uid (root only).
+    """
+    import os
+    import resource
+    import select
+    import signal
+    import time
+
+    import torch_dendrites as td
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(r)
+            if extra_address_space is not None:
+                limit = _vm_size() + extra_address_space
+                resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+            if file_size is not None:
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+                resource.setrlimit(resource.RLIMIT_FSIZE, (file_size, file_size))
+            if user is not None:
+                os.setgid(user)
+                os.setuid(user)
+            out = {"ok": True, "result": fn()}
+        except BaseException as exc:  # noqa: BLE001 - everything is reported to the parent
+            out = {
+                "ok": False,
+                "error": type(exc).__name__,
+                "library": isinstance(exc, td.DendriteError),
+                "message": str(exc)[:3000],
+            }
+        try:
+            data = json.dumps(out, default=repr).encode()
+        except BaseException:  # noqa: BLE001
+            data = b'{"ok": false, "error": "unreportable", "library": false, "message": ""}'
+        view = memoryview(data)
+        while view:
+            view = view[os.write(w, view) :]
+        os._exit(0)
+    os.close(w)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return {"timeout": True}
+            ready, _, _ = select.select([r], [], [], left)
+            if ready:
+                chunk = os.read(r, 1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    finally:
+        os.close(r)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        return {"died": os.WTERMSIG(status)}
+    return json.loads(b"".join(chunks) or b'{"ok": false, "error": "no report", "library": false, "message": ""}')

@@ -167,7 +167,7 @@ def read(recipe: Any, where: object) -> Tuple[dict, int]:
             )
     for v in range(version, FORMAT_VERSION):
         recipe = MIGRATIONS[v](recipe)
-    check(recipe, where)
+    check(recipe, where, integrity=version >= 2)
     return recipe, version
 
 
@@ -179,8 +179,10 @@ def _is_str_map(v: Any) -> bool:
     return isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items())
 
 
-def check(recipe: dict, where: object) -> None:
-    """Every field of a current-schema recipe has the type and range td.save writes."""
+def check(recipe: dict, where: object, integrity: bool = True) -> None:
+    """Every field of a current-schema recipe has the type and range td.save writes. With ``integrity``
+    (written by version 2 or later) the save id and the file hashes must be there: they cannot be
+    dropped to skip the checks."""
 
     def bad(what: str):
         raise CheckpointError(f"{where}: {what}; the recipe was edited or corrupted.")
@@ -188,14 +190,17 @@ def check(recipe: dict, where: object) -> None:
     unknown = sorted(set(recipe) - _TOP)
     if unknown:
         bad(f"unknown fields {unknown[:5]}")
-    if recipe.get("save_id") is not None and not (
-        isinstance(recipe["save_id"], str) and len(recipe["save_id"]) == 32 and _HEX.match(recipe["save_id"])
+    missing = sorted((_TOP - {"library_version"}) - set(recipe))
+    if missing:
+        bad(f"fields {missing} are missing")
+    save_id, files = recipe["save_id"], recipe["files"]
+    if (integrity or save_id is not None) and not (
+        isinstance(save_id, str) and len(save_id) == 32 and _HEX.match(save_id)
     ):
         bad("'save_id' is not 32 hexadecimal digits")
-    files = recipe.get("files")
-    if files is not None:
-        if not isinstance(files, dict) or not set(files) <= set(FILES[:-1]):
-            bad(f"'files' names files other than {list(FILES[:-1])}")
+    if integrity or files is not None:
+        if not isinstance(files, dict) or not set(files) <= set(FILES[:-1]) or WEIGHTS not in files:
+            bad(f"'files' is not a table of {list(FILES[:-1])} holding {WEIGHTS}")
         for n, f in files.items():
             ok = isinstance(f, dict) and set(f) == {"bytes", "sha256"} and _is_int(f["bytes"], 0, 2**62)
             if not ok or not (isinstance(f["sha256"], str) and len(f["sha256"]) == 64 and _HEX.match(f["sha256"])):

@@ -90,7 +90,7 @@ def _recognize(fs: io.FileSystem, fd: int) -> Optional[str]:
         return None
     if RECIPE not in entries:
         return f"it has no {RECIPE}"
-    folder = io.Folder(fs, os.dup(fd), Path("."))
+    folder = io.Folder(fs, os.dup(fd), Path("."), (RECIPE,))
     with folder:
         try:
             recipe = loads(folder.read(RECIPE, 64 * 1024 * 1024), RECIPE)
@@ -402,7 +402,7 @@ def _read_data(folder: io.Folder, read: _Read) -> None:
 
 
 def _read_folder(path: PathLike, model, controller, training_args) -> _Read:
-    with io.open_folder(path) as folder:
+    with io.open_folder(path, FILES) as folder:
         raw = folder.read(RECIPE, 64 * 1024 * 1024)
         recipe, version = read(loads(raw, folder.path / RECIPE), folder.path / RECIPE)
         r = _Read(folder.path, recipe, version)

@@ -438,13 +438,28 @@ def _cleanup(fs: FileSystem, parent_fd: int, name: str) -> None:
 
 # ---------------------------------------------------------------------- reading a folder
 class Folder:
-    """A checkpoint folder opened for reading: one directory descriptor, each file read through one
-    descriptor of its own. Use as a context manager."""
+    """A checkpoint folder opened for reading: one directory descriptor, and one descriptor per file,
+    all opened at once (a save that swaps the folder afterwards cannot take the files away). Use as a
+    context manager."""
 
-    def __init__(self, fs: FileSystem, fd: int, path: Path):
+    def __init__(self, fs: FileSystem, fd: int, path: Path, names: Sequence[str] = ()):
         self.fs, self.fd, self.path = fs, fd, path
-        self.names = set(fs.list_dir(fd))
-        self._open: List[int] = []
+        self._fds: Dict[str, int] = {}
+        self._errors: Dict[str, int] = {}
+        try:
+            self.names = set(fs.list_dir(fd))
+            for name in names:
+                if name not in self.names:
+                    continue
+                try:
+                    self._fds[name] = fs.open_file(name, fd)
+                except FileNotFoundError:
+                    raise FolderChanged(f"{path} changed while it was read (a save replaced it).") from None
+                except OSError as exc:
+                    self._errors[name] = exc.errno
+        except BaseException:
+            self.close()
+            raise
 
     def __enter__(self) -> Folder:
         return self
@@ -453,31 +468,25 @@ class Folder:
         self.close()
 
     def close(self) -> None:
-        for fd in self._open:
+        for fd in self._fds.values():
             os.close(fd)
-        self._open = []
+        self._fds = {}
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
 
     def open(self, name: str) -> int:
-        """A read descriptor on the file ``name`` of this folder, closed with the folder."""
+        """The read descriptor of the file ``name`` (one of the names the folder was opened with)."""
         if name not in self.names:
             raise CheckpointError(f"{self.path / name} is missing; is this a folder written by td.save?")
-        try:
-            fd = self.fs.open_file(name, self.fd)
-            self._open.append(fd)
-            return fd
-        except FileNotFoundError:
-            raise FolderChanged(f"{self.path} changed while it was read (a save replaced it).") from None
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise CheckpointError(
-                    f"{self.path / name} is a symbolic link; a checkpoint holds only its own files."
-                ) from None
-            if exc.errno == errno.EISDIR:
-                raise CheckpointError(f"{self.path / name} is not a regular file.") from None
-            raise _fs_error("opening", self.path / name, exc) from None
+        code = self._errors.get(name)
+        if code == errno.ELOOP:
+            raise CheckpointError(f"{self.path / name} is a symbolic link; a checkpoint holds only its own files.")
+        if code == errno.EISDIR:
+            raise CheckpointError(f"{self.path / name} is not a regular file.")
+        if code is not None:
+            raise CheckpointError(f"opening {self.path / name} failed: {os.strerror(code)} (errno {code}).")
+        return self._fds[name]
 
     def read(self, name: str, limit: int) -> bytes:
         """The whole file ``name``, refused if larger than ``limit`` bytes."""
@@ -489,9 +498,6 @@ class Folder:
             return bytes(self.fs.read_at(fd, 0, size))
         except OSError as exc:
             raise _fs_error("reading", self.path / name, exc) from None
-        finally:
-            self._open.remove(fd)
-            os.close(fd)
 
 
 def _previous_copy(fs: FileSystem, parent: Path, name: str) -> Optional[str]:
@@ -523,7 +529,7 @@ def _previous_copy(fs: FileSystem, parent: Path, name: str) -> Optional[str]:
         os.close(pfd)
 
 
-def _open_once(fs: FileSystem, path: Path) -> Optional[Folder]:
+def _open_once(fs: FileSystem, path: Path, names: Sequence[str]) -> Optional[Folder]:
     for candidate in (path, None):
         if candidate is None:
             old = _previous_copy(fs, path.parent, path.name)
@@ -537,18 +543,21 @@ def _open_once(fs: FileSystem, path: Path) -> Optional[Folder]:
         except OSError as exc:
             raise _fs_error("opening", candidate, exc) from None
         try:
-            return Folder(fs, fd, candidate)
-        except OSError:
-            os.close(fd)
+            return Folder(fs, fd, candidate, names)
+        except OSError as exc:
+            raise _fs_error("reading", candidate, exc) from None
     return None
 
 
-def open_folder(path: Union[str, os.PathLike], fs: Optional[FileSystem] = None, attempts: int = 5) -> Folder:
-    """Open the checkpoint folder ``path``, or the previous copy an interrupted save left beside it."""
+def open_folder(
+    path: Union[str, os.PathLike], names: Sequence[str] = (), fs: Optional[FileSystem] = None, attempts: int = 5
+) -> Folder:
+    """Open the checkpoint folder ``path`` (or the previous copy an interrupted save left beside it) and
+    its files ``names``."""
     fs = current() if fs is None else fs
     p = check_name(path)
     for i in range(attempts):
-        folder = _open_once(fs, p)
+        folder = _open_once(fs, p, names)
         if folder is not None:
             return folder
         # A concurrent save may be between its renames right now: look again shortly.

@@ -207,9 +207,15 @@ def test_disk_full_on_a_first_save_leaves_nothing(tmp_path, versions):
 
 @pytest.mark.parametrize(
     "op,n,code",
-    [("mkdir", 1, errno.EROFS), ("write", 3, errno.EROFS), ("rename", 1, errno.EACCES), ("rename", 2, errno.EIO),
-     ("lock", 1, errno.EROFS), ("fsync", 1, errno.EIO)],
-)  # fmt: skip
+    [
+        ("mkdir", 1, errno.EROFS),
+        ("write", 3, errno.EROFS),
+        ("rename", 1, errno.EACCES),
+        ("rename", 2, errno.EIO),
+        ("lock", 1, errno.EROFS),
+        ("fsync", 1, errno.EIO),
+    ],
+)
 def test_io_errors_at_each_kind_of_step(tmp_path, versions, op, n, code):
     path = tmp_path / "c*"
     _full_save(path, versions["A"])

@@ -239,3 +239,43 @@ def test_load_leaves_the_global_random_state_alone(tmp_path):
     state = torch.get_rng_state()
     td.load(tmp_path / "ckpt", fresh)
     assert torch.equal(torch.get_rng_state(), state) and fresh[0].num_dendrites == 2
+
+
+class _Gain(torch.nn.Module):
+    def __init__(self, gain):
+        super().__init__()
+        self.out_gain = torch.nn.Parameter(gain)
+
+
+class _DataInitDendrites(td.dendrites.base.DendriteStack):
+    """A user dendrite type whose init reads the layer's weights (data-dependent: no meta-device build)."""
+
+    type_name = "test_data_init"
+
+    def grow(self, generator=None):
+        like = self._like()
+        scale = float(like.detach().abs().mean())  # fails on the meta device: there are no values there
+        unit = _Gain(torch.full((self.num_neurons,), scale, dtype=like.dtype, device=like.device))
+        self.units.append(unit)
+        return self.num_neurons
+
+    def forward(self, y, neuron_axis, *args, **kwargs):
+        p = self._check_axis(y, neuron_axis)
+        for u in self.units:
+            y = y * (1 + 0.1 * u.out_gain.view(-1, *(1,) * (y.dim() - p - 1)))
+        return y
+
+
+def test_custom_dendrite_type_that_cannot_be_built_on_the_meta_device_loads(tmp_path):
+    td.register_dendrite_type("test_data_init", _DataInitDendrites)
+    model, x = grown("mlp", sets=0)
+    model = td.add_dendrites(td.remove_dendrites(model), td.DendriteConfig(dendrite_type="test_data_init"))
+    td.grow(model)
+    td.grow(model)
+    td.save(tmp_path / "m", model)
+    base = fresh("mlp")
+    state = torch.get_rng_state()
+    loaded = td.load(tmp_path / "m", base)
+    assert torch.equal(torch.get_rng_state(), state)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))

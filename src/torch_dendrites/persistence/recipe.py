@@ -270,19 +270,21 @@ class _OnlyPaths:
         return name in self.paths
 
 
-def _meta_clone(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` whose parameters and buffers live on the meta device (no memory); every other
-    attribute is shared, not copied, so it works for any module (FSDP2's included)."""
+def _clone(module: nn.Module, meta: bool) -> nn.Module:
+    """A copy of ``module`` for building dendrites around: its parameters and buffers live on the meta
+    device (no memory), or (``meta=False``) are the module's own tensors, shared. Every other attribute
+    is shared, not copied, so it works for any module (FSDP2's included)."""
+
+    def tensor(t: torch.Tensor) -> torch.Tensor:
+        return torch.empty(t.shape, dtype=t.dtype, device="meta") if meta else t
+
     clone = object.__new__(type(module))
     clone.__dict__ = dict(module.__dict__)
     clone._parameters = {
-        k: None if p is None else nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), p.requires_grad)
-        for k, p in module._parameters.items()
+        k: None if p is None else nn.Parameter(tensor(p), p.requires_grad) for k, p in module._parameters.items()
     }
-    clone._buffers = {
-        k: None if b is None else torch.empty(b.shape, dtype=b.dtype, device="meta") for k, b in module._buffers.items()
-    }
-    clone._modules = {k: None if m is None else _meta_clone(m) for k, m in module._modules.items()}
+    clone._buffers = {k: None if b is None else tensor(b) for k, b in module._buffers.items()}
+    clone._modules = {k: None if m is None else _clone(m, meta) for k, m in module._modules.items()}
     return clone
 
 
@@ -486,26 +488,43 @@ def _check_counts(plans: Dict[str, LayerPlan], stored_keys, where) -> None:
 
 def _probe(name: str, lp: LayerPlan, config: DendriteConfig, where) -> Tuple[DendriticLayer, int]:
     """The saved layer rebuilt on the meta device, and the bytes one more dendrite set would take."""
-    e = lp.entry
     try:
-        with torch.device("meta"):
-            probe = DendriticLayer(
-                _meta_clone(lp.base),
-                lp.spec,
-                dendrite_type=e["dendrite_type"],
-                activation=e["activation"],
-                init_scale=float(e["init_scale"]),
-                neuron_axis=e["neuron_axis"],
-                options=config.dendrite_options,
-            )
-            for _ in range(e["num_dendrites"]):
-                probe.grow(None)
-            before = _nbytes(probe.dendrites.state_dict())
-            probe.grow(None)
-            one = _nbytes(probe.dendrites.state_dict()) - before
-            probe.truncate(e["num_dendrites"])
-            if e["candidates"]:
-                probe.dendrites.add_candidates(e["candidates"], None)
+        try:
+            with torch.device("meta"):
+                return _build(lp, config, meta=True)
+        except DendriteError:
+            raise
+        except Exception:  # noqa: BLE001 - a custom dendrite type that cannot be built on the meta device
+            # Built for real instead: the recipe's counts already match the weights file's, so this takes
+            # what the file holds (its options alone are not bounded for such types).
+            return _build(lp, config, meta=False)
     except DendriteError as exc:
         raise CheckpointError(f"{where}: saved layer '{name}' cannot be rebuilt: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a custom dendrite type failing in its own code
+        raise CheckpointError(f"{where}: saved layer '{name}' cannot be rebuilt: {type(exc).__name__}: {exc}") from None
+
+
+def _build(lp: LayerPlan, config: DendriteConfig, meta: bool) -> Tuple[DendriticLayer, int]:
+    e = lp.entry
+    # Real builds draw from a private generator: planning leaves the global random state alone.
+    gen = None if meta else torch.Generator().manual_seed(0)
+    probe = DendriticLayer(
+        _clone(lp.base, meta),
+        lp.spec,
+        dendrite_type=e["dendrite_type"],
+        activation=e["activation"],
+        init_scale=float(e["init_scale"]),
+        neuron_axis=e["neuron_axis"],
+        options=config.dendrite_options,
+    )
+    for _ in range(e["num_dendrites"]):
+        probe.grow(gen)
+    one = 0
+    if meta:
+        before = _nbytes(probe.dendrites.state_dict())
+        probe.grow(None)
+        one = _nbytes(probe.dendrites.state_dict()) - before
+        probe.truncate(e["num_dendrites"])
+    if e["candidates"]:
+        probe.dendrites.add_candidates(e["candidates"], gen)
     return probe, one

@@ -479,7 +479,8 @@ def test_byte_flips_sweep(golden, name, pos, xor):
 
 
 def _flip_sweep(golden, stride):
-    """Flip one bit of every ``stride``-th byte of three files (one child for all): none loads wrongly."""
+    """Flip one bit of every ``stride``-th byte of three files and load the model with its controller
+    (one child for all): none loads wrongly."""
     work = Path(tempfile.mkdtemp(dir=golden["root"]))
     folder = work / "ck"
     shutil.copytree(golden["folder"], folder)
@@ -493,13 +494,15 @@ def _flip_sweep(golden, stride):
                 data = bytearray(clean)
                 data[pos] ^= 0x20
                 path.write_bytes(bytes(data))
+                ctl = td.GrowthController(td.add_dendrites(MLP()), CFG)
+                td.remove_dendrites(ctl.model)
                 try:
-                    loaded = td.load(folder, MLP())
+                    loaded = td.load(folder, MLP(), ctl)
                 except td.CheckpointError:
                     counts["refused"] += 1
                     continue
                 with torch.no_grad():
-                    assert torch.equal(loaded(X), golden["out"]), (name, pos)
+                    assert torch.equal(loaded(X), golden["out"]) and ctl.epoch == golden["epoch"], (name, pos)
                 counts["correct"] += 1
             path.write_bytes(clean)
         return counts
@@ -508,7 +511,7 @@ def _flip_sweep(golden, stride):
     shutil.rmtree(work, ignore_errors=True)
     assert res.get("ok"), res
     for outcome, n in res["result"].items():
-        TALLY[(f"flip sweep (every {stride}. byte)", "fresh", outcome)] += n
+        TALLY[(f"flip sweep (every {stride}. byte)", "fresh+controller", outcome)] += n
     return res["result"]
 
 

@@ -357,6 +357,10 @@ def _check_indices(state: Dict[str, torch.Tensor], bounds: Dict[str, int], where
 
 
 def _plan_controller(folder: io.Folder, read: _Read) -> None:
+    if CONTROLLER_JSON not in folder.names:
+        raise CheckpointError(
+            f"{folder.path} holds no controller state; save one with td.save(path, model, controller)."
+        )
     doc = _read_json(folder, CONTROLLER_JSON, read)
     where = folder.path / CONTROLLER_JSON
     state = read_controller(doc, read.version, read.recipe["save_id"], where)
@@ -373,6 +377,10 @@ def _plan_controller(folder: io.Folder, read: _Read) -> None:
 
 
 def _plan_training(folder: io.Folder, read: _Read, optimizer, scheduler, rng, generators) -> None:
+    if TRAINING_JSON not in folder.names:
+        raise CheckpointError(
+            f"{folder.path} holds no training state; save it with td.save(..., optimizer=..., scheduler=..., rng=True)."
+        )
     doc = _read_json(folder, TRAINING_JSON, read)
     where = folder.path / TRAINING_JSON
     doc = read_training(doc, read.version, read.recipe["save_id"], where)
@@ -465,38 +473,33 @@ def _apply_structure(model: nn.Module, read: _Read, tx: _Transaction) -> None:
             layer.neuron_axis = e["neuron_axis"]
             layer.dendrites.activation = e["activation"]
             layer.dendrites.init_scale = float(e["init_scale"])
+    # Every undo is registered before its step runs, so a step failing half-way (out of memory) is undone.
+    before = {
+        name: (layer.dendrites, list(layer.dendrites.units), layer.dendrites.candidates, layer.dendrites.correlation)
+        for name, layer in layers.items()
+    }
+
+    def undo_units():
+        for d, units, candidates, correlation in before.values():
+            d.units = nn.ModuleList(units)
+            d.candidates, d.correlation = candidates, correlation
+
+    tx.add(undo_units)
     # The placeholder dendrites are overwritten by the saved weights: drawn from a private generator so
     # that loading leaves the global random state alone.
     scratch = torch.Generator().manual_seed(0)
-    counts = {name: lp.entry["num_dendrites"] for name, lp in p.layers.items()}
-    tx.add(set_dendrite_counts(model, counts, scratch))
-    before = {}
+    set_dendrite_counts(model, {name: lp.entry["num_dendrites"] for name, lp in p.layers.items()}, scratch)
     for name, layer in layers.items():
-        d = layer.dendrites
-        before[name] = (d, d.candidates, d.correlation)
-        d.clear_candidates()
+        layer.dendrites.clear_candidates()
         if p.layers[name].entry["candidates"]:
-            d.add_candidates(p.layers[name].entry["candidates"], scratch)
-
-    def undo_candidates():
-        for d, candidates, correlation in before.values():
-            d.candidates, d.correlation = candidates, correlation
-
-    tx.add(undo_candidates)
+            layer.dendrites.add_candidates(p.layers[name].entry["candidates"], scratch)
     # What was built must be what was planned (a custom dendrite type that builds differently on the
     # meta device would show here).
     built = {k: (tuple(t.shape), t.dtype) for k, t in model.state_dict().items()}
     if built != p.expected:
         problem = _compare(p.expected, {k: Entry(dt, sh, 0, 0) for k, (sh, dt) in built.items()}) or "dtype mismatch"
         raise CheckpointError(f"{read.path}: the rebuilt model differs from the planned structure: {problem}.")
-    flagged = []
-    for name, lp in p.layers.items():
-        for i in lp.entry["correlation_units"]:
-            unit = layers[name].dendrites.units[i]
-            flagged.append((unit, getattr(unit, "correlation_trained", None)))
-            unit.correlation_trained = True
-            for pname, param in unit.named_parameters():
-                param.requires_grad_(pname == "out_gain")
+    flagged = []  # correlation-trained units: input weights frozen (requires_grad comes back with the rollback)
 
     def undo_flags():
         for unit, old in flagged:
@@ -506,6 +509,13 @@ def _apply_structure(model: nn.Module, read: _Read, tx: _Transaction) -> None:
                 unit.correlation_trained = old
 
     tx.add(undo_flags)
+    for name, lp in p.layers.items():
+        for i in lp.entry["correlation_units"]:
+            unit = layers[name].dendrites.units[i]
+            flagged.append((unit, getattr(unit, "correlation_trained", None)))
+            unit.correlation_trained = True
+            for pname, param in unit.named_parameters():
+                param.requires_grad_(pname == "out_gain")
     record = getattr(model, _RECORD, None)
     if record is not None and read.recipe["skipped"]:
         old_skipped = record.skipped

@@ -37,7 +37,7 @@ from models import MLP
 import torch_dendrites as td
 
 LIMIT = 512 << 20  # the extra address space a load may take
-FAST = settings(max_examples=8, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+FAST = settings(max_examples=6, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 SLOW = settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 CFG = td.GrowthConfig(mode="fixed", switch_every=1, max_dendrites=3, max_tries=3, seed=0)
 X = torch.linspace(-1, 1, 24).reshape(4, 6)
@@ -166,17 +166,21 @@ def _attempt(folder, out):
     return report
 
 
-def _check_hostile(golden, mutate, *, refuse=(), kind="named"):
+def _check_hostile(golden, mutate, *, refuse=(), kind="named", isolate=True):
     """Copy the golden folder, ``mutate(folder)`` it, load it in a limited child, check the outcome: each
     load is refused without changing anything, or loads the saved function; those named in ``refuse``
-    ("resume", "fresh") must be refused."""
+    ("resume", "fresh") must be refused. ``isolate=False`` (cases that cannot ask for memory) loads in
+    this process: quicker."""
     work = Path(tempfile.mkdtemp(dir=golden["root"]))
     try:
         folder = work / "ck"
         shutil.copytree(golden["folder"], folder)
         mutate(folder)
         files = snapshot_files(work)
-        res = in_child(lambda: _attempt(folder, golden["out"]), extra_address_space=LIMIT, timeout=120)
+        if isolate:
+            res = in_child(lambda: _attempt(folder, golden["out"]), extra_address_space=LIMIT, timeout=120)
+        else:
+            res = {"ok": True, "result": _attempt(folder, golden["out"])}
         assert res.get("ok"), res  # no raw error, no hang, no memory exhaustion
         for load, outcome in res["result"].items():
             TALLY[(kind, load, outcome)] += 1
@@ -516,8 +520,8 @@ def _flip_sweep(golden, stride):
 
 
 def test_strided_byte_flips_are_all_caught(golden):
-    counts = _flip_sweep(golden, 37)
-    assert counts["refused"] > 100
+    counts = _flip_sweep(golden, 151)
+    assert counts["refused"] > 80 and counts["correct"] == 0
 
 
 @pytest.mark.slow
@@ -558,7 +562,10 @@ def test_a_recipe_asking_for_51_gb_is_refused_before_allocating(golden):
 def test_best_counts_beyond_the_saved_structure_are_refused(golden):
     for counts in ({"fc1": 10_000}, {"fc1": 3}, {"fc1": -1}, {"nope": 1}, {"fc1": "2"}, {"fc1": 1.0}, []):
         _check_hostile(
-            golden, lambda f, c=counts: _edit_controller(f, lambda s: s.update(best_counts=c)), refuse=("resume",)
+            golden,
+            lambda f, c=counts: _edit_controller(f, lambda s: s.update(best_counts=c)),
+            refuse=("resume",),
+            isolate=False,
         )
 
 
@@ -577,8 +584,8 @@ def test_best_state_must_fit_the_model_at_best_counts(golden, tmp_path):
     def more_dendrites(state):  # the model at best_counts (1 dendrite) has no unit 1
         state["best_state"]["fc1.dendrites.units.1.out_gain"] = state["best_state"]["fc1.dendrites.units.0.out_gain"]
 
-    _check_hostile(golden, wrong_shape, refuse=("resume",))
-    _check_hostile(golden, lambda f: _edit_controller(f, more_dendrites), refuse=("resume",))
+    _check_hostile(golden, wrong_shape, refuse=("resume",), isolate=False)
+    _check_hostile(golden, lambda f: _edit_controller(f, more_dendrites), refuse=("resume",), isolate=False)
     # an unreferenced tensor in the file is refused (nothing unaccounted for loads) ...
     _check_hostile(
         golden, lambda f: _edit_controller(f, lambda s: s["best_state"].pop("fc1.base.bias")), refuse=("resume",)
@@ -607,20 +614,19 @@ _INVALID_CONTROLLER = [
 ]
 
 
-@pytest.mark.xfail(
-    not hasattr(td.GrowthController, "validate_state"),
-    reason="controller-side field validation is the lead's GrowthController.validate_state (issue 13 item 9)",
-    strict=True,
-)
-@pytest.mark.parametrize("field,value", _INVALID_CONTROLLER)
+@pytest.mark.parametrize("field,value", [*_INVALID_CONTROLLER, ("architectures", {"x": 1})])
 def test_invalid_controller_fields_are_refused(golden, field, value):
-    _check_hostile(golden, lambda f: _edit_controller(f, lambda s: s.__setitem__(field, value)), refuse=("resume",))
-
-
-def test_invalid_controller_fields_never_escape_or_half_apply(golden):
-    """Whatever the controller accepts today, a bad field never escapes as a raw error or half-applies."""
-    for field, value in [*_INVALID_CONTROLLER, ("architectures", {"x": 1})]:
-        _check_hostile(golden, lambda f, k=field, v=value: _edit_controller(f, lambda s: s.__setitem__(k, v)))
+    """Item 9: whatever the controller accepts today, a bad field never escapes as a raw error or
+    half-applies; with the controller's own validation (``validate_state``) every one is refused."""
+    validated = hasattr(td.GrowthController, "validate_state") or field == "architectures"
+    res = _check_hostile(
+        golden,
+        lambda f: _edit_controller(f, lambda s: s.__setitem__(field, value)),
+        refuse=("resume",) if validated else (),
+        isolate=False,
+    )
+    if not validated and res["resume"] != "refused":
+        pytest.xfail("controller-side field validation is the lead's GrowthController.validate_state (item 9)")
 
 
 def test_torn_folder_mixing_two_saves_is_refused(golden, tmp_path):
@@ -717,7 +723,7 @@ def test_neuron_axis_edits_are_refused(golden):
         lambda r: r["layers"][1].update(neuron_axis=0),
         lambda r: r["dendrite_config"].update(neuron_axis=-2),
     ):
-        res = _check_hostile(golden, lambda f, e=edit: edit_recipe(f, e), refuse=("resume", "fresh"))
+        res = _check_hostile(golden, lambda f, e=edit: edit_recipe(f, e), refuse=("resume", "fresh"), isolate=False)
         assert res == {"resume": "refused", "fresh": "refused"}
 
 
@@ -749,7 +755,7 @@ def test_unknown_scheduler_and_optimizer_keys_are_refused(golden):
         lambda d: d["generators"].update(g=d["generators"]["g"]) or d.pop("generators"),
     ]
     for fn in cases:
-        res = _check_hostile(golden, edit(fn), refuse=("resume",))
+        res = _check_hostile(golden, edit(fn), refuse=("resume",), isolate=False)
         assert res["resume"] == "refused"
 
 

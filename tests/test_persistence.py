@@ -279,3 +279,16 @@ def test_custom_dendrite_type_that_cannot_be_built_on_the_meta_device_loads(tmp_
     assert torch.equal(torch.get_rng_state(), state)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_resolve_tells_nothing_there_from_unreadable(tmp_path):
+    """A resume may start afresh only when nothing is there: anything else that fails must not be
+    mistaken for "no checkpoint" (the next save would replace the unreadable one)."""
+    from torch_dendrites.persistence.io import NoCheckpoint
+
+    with pytest.raises(NoCheckpoint):
+        td.persistence._resolve(tmp_path / "latest")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(td.CheckpointError) as info:
+        td.persistence._resolve(tmp_path / "file")
+    assert not isinstance(info.value, NoCheckpoint)

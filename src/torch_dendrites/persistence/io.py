@@ -40,7 +40,17 @@ try:  # POSIX advisory locks; without them (Windows) concurrent writers are not 
 except ImportError:  # pragma: no cover
     fcntl = None
 
-__all__ = ["FileSystem", "Folder", "FolderChanged", "current", "open_folder", "resolve", "use", "write_folder"]
+__all__ = [
+    "FileSystem",
+    "Folder",
+    "FolderChanged",
+    "NoCheckpoint",
+    "current",
+    "open_folder",
+    "resolve",
+    "use",
+    "write_folder",
+]
 
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -51,6 +61,11 @@ _MAX_NAME_BYTES = 255
 
 class FolderChanged(CheckpointError):
     """The folder being read was swapped by a concurrent save; reading it again gives a consistent copy."""
+
+
+class NoCheckpoint(CheckpointError):
+    """There is no checkpoint at the path (nor a previous copy beside it). Any other CheckpointError means
+    something is there but cannot be read: a resume must not start afresh over it."""
 
 
 def _fs_error(what: str, path: object, exc: OSError) -> CheckpointError:
@@ -538,8 +553,10 @@ def _open_once(fs: FileSystem, path: Path, names: Sequence[str]) -> Optional[Fol
             candidate = path.parent / old
         try:
             fd = fs.open_dir(candidate)
-        except (FileNotFoundError, NotADirectoryError):
+        except FileNotFoundError:
             continue
+        except NotADirectoryError:
+            raise CheckpointError(f"{candidate} is not a folder; td.save writes folders.") from None
         except OSError as exc:
             raise _fs_error("opening", candidate, exc) from None
         try:
@@ -562,7 +579,7 @@ def open_folder(
             return folder
         # A concurrent save may be between its renames right now: look again shortly.
         time.sleep(0.002 * (i + 1))
-    raise CheckpointError(f"{p} is not a folder written by td.save.")
+    raise NoCheckpoint(f"{p} is not a folder written by td.save (nothing is there).")
 
 
 def resolve(path: Union[str, os.PathLike]) -> Path:

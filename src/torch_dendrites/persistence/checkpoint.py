@@ -9,6 +9,7 @@ recipe's. Only then is anything applied, in a transaction that undoes every step
 
 from __future__ import annotations
 
+import copy
 import os
 import secrets
 import stat
@@ -530,8 +531,15 @@ def _apply_controller(controller, state: dict, read: _Read, tx: _Transaction) ->
         validate(state)
     except StateError as exc:
         raise CheckpointError(f"{where}: {exc}") from None
-    before = controller.state_dict()
-    tx.add(lambda: controller.load_state_dict(before))
+    # Undone by putting its attributes back (containers copied one level, in case they are changed in
+    # place), not through load_state_dict, whose own checks could refuse the state it had.
+    before = {k: copy.copy(v) if type(v) in (dict, list) else v for k, v in vars(controller).items()}
+
+    def undo():
+        vars(controller).clear()
+        vars(controller).update(before)
+
+    tx.add(undo)
     controller.load_state_dict(state)
 
 

@@ -593,7 +593,7 @@ def resolve(path: Union[str, os.PathLike]) -> Path:
         return folder.path
 
 
-def retrying(read: Callable[[], object], attempts: int = 5):
+def retrying(read: Callable[[], object], attempts: int = 10):
     """``read()`` again (up to ``attempts`` times) while a concurrent save swaps the folder under it."""
     for i in range(attempts):
         try:

@@ -185,10 +185,15 @@ class CandidatePhase:
         return {"trainable_before": list(self.trainable_before), "norm_momenta": dict(self.norm_momenta)}
 
     def resume(self, state: Dict[str, Any]) -> None:
-        """Re-freeze a model loaded in the middle of a candidate phase (its candidates already attached)."""
+        """Re-freeze a model loaded in the middle of a candidate phase (its candidates already attached).
+
+        The reference sums of the frozen weights are taken at the next :meth:`check_frozen`: a loader may
+        copy the saved weights in after this call.
+        """
         self.trainable_before = list(state["trainable_before"])
         self.norm_momenta = dict(state["norm_momenta"])
         self._freeze()
+        self._sums = None
 
     @property
     def model(self) -> nn.Module:
@@ -251,7 +256,9 @@ class CandidatePhase:
 
     def check_frozen(self) -> None:
         """Raise :class:`StateError` if an optimizer moved a parameter this phase froze."""
-        if self._frozen and checksum(self._frozen) != self._sums:
+        if self._sums is None:  # just resumed: these weights are the reference
+            self._sums = checksum(self._frozen)
+        elif self._frozen and checksum(self._frozen) != self._sums:
             raise StateError(f"an optimizer changed parameters frozen for the candidate phase; {_FIX}.")
 
     def scores(self) -> Dict[str, float]:

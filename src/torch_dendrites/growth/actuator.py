@@ -235,16 +235,19 @@ class ModelActuator:
         return checksum(params) == sums
 
     # ------------------------------------------------------------------ frozen weights
-    def track_frozen_units(self) -> None:
-        """Remember the frozen input weights of correlation-trained dendrites (they must never move)."""
+    def track_frozen_units(self, now: bool = True) -> None:
+        """Remember the frozen input weights of correlation-trained dendrites (they must never move); with
+        ``now=False`` their values are read at the next :meth:`check_frozen` (a loader copies them in later)."""
         ws = [w for layer in self.layers().values() for w in getattr(layer.dendrites, "frozen_unit_parameters", list)()]
-        self._unit_sums = (ws, checksum(ws))
+        self._unit_sums = (ws, checksum(ws) if now else None)
 
     def check_frozen(self) -> None:
         """Raise :class:`StateError` if an optimizer moved weights that the controller froze."""
         self.phase.check_frozen()
         ws, sums = self._unit_sums
-        if ws and checksum(ws) != sums:
+        if sums is None:
+            self._unit_sums = (ws, checksum(ws))
+        elif ws and checksum(ws) != sums:
             from ..correlation import _FIX
 
             raise StateError(f"an optimizer changed the frozen input weights of correlation-trained dendrites; {_FIX}.")

@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from ..errors import CheckpointError, StateError
+from ..errors import StateError
 from ..integrations import distributed
 
 __all__ = ["Resumed", "RunCheckpoints"]
@@ -77,12 +77,13 @@ class RunCheckpoints:
 
     def resume(self, make_optimizer=None, make_scheduler=None, generators: Optional[Dict[str, torch.Generator]] = None):
         from ..persistence import _resolve, load, load_training_state
+        from ..persistence.io import NoCheckpoint
 
         ctl = self.controller
         out = self._out_dir("resume")
         try:
             folder = _resolve(out / "latest")
-        except CheckpointError:
+        except NoCheckpoint:  # nothing there: a fresh start (an unreadable copy raises instead of being replaced)
             folder = None
         extra: Dict[str, Any] = {}
         if folder is not None:

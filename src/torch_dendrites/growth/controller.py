@@ -195,7 +195,11 @@ class GrowthController:
     def model(self, model: nn.Module) -> None:
         if not isinstance(model, nn.Module):
             raise TargetError(f"model must be an nn.Module, got {type(model).__name__}.")
-        self.actuator.model = model
+        # A new actuator (not a changed one), so that undoing a failed load is putting the old one back.
+        old = self.actuator
+        self.actuator = ModelActuator(
+            model, old.seed, old.candidate_pool, old.candidate_init_scale, old.correlation_warning
+        )
 
     # ----------------------------------------------------------------- read-only views of the state
     @property
@@ -340,7 +344,7 @@ class GrowthController:
         self.architectures = {int(k): {**v, "extras": dict(v["extras"])} for k, v in current["architectures"].items()}
         if policy.phase == Phase.CANDIDATE:
             self.actuator.phase.resume(current["candidate_phase"])
-        self.actuator.track_frozen_units()
+        self.actuator.track_frozen_units(now=False)
         for s in self.sinks:  # fresh writers rewrite their files from the restored history
             if isinstance(s, HistorySink):
                 s._written_rows, s._columns = 0, []

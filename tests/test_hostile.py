@@ -601,32 +601,38 @@ def test_best_state_must_fit_the_model_at_best_counts(golden, tmp_path):
 
 
 _INVALID_CONTROLLER = [
-    ("epoch", -1),
-    ("epoch", "3"),
-    ("phase", "dreaming"),
-    ("best_score", "high"),
-    ("best_score", {"__float__": "nan"}),
-    ("since_best", -5),
-    ("tries", 1.5),
-    ("done", "no"),
+    ("policy.epoch", -1),
+    ("policy.epoch", "3"),
+    ("policy.phase", "dreaming"),
+    ("policy.best", "high"),
+    ("policy.best", {"__float__": "nan"}),
+    ("policy.phase_since_best", -5),
+    ("policy.tries", 1.5),
+    ("policy.done", "no"),
+    ("policy.dendrites", 99),
     ("history", [{"epoch": "x"}]),
-    ("norm_momenta", {"no.such.module": 0.1}),
+    ("best_counts", {"fc1": 5}),
+    ("candidate_phase.norm_momenta", {"no.such.module": 0.1}),
+    ("candidate_phase.trainable_before", ["no.such.parameter"]),
+    ("shiny_new_field", 1),
+    ("architectures", {"x": 1}),
 ]
 
 
-@pytest.mark.parametrize("field,value", [*_INVALID_CONTROLLER, ("architectures", {"x": 1})])
+def _set_path(state, dotted, value):
+    *parents, last = dotted.split(".")
+    for key in parents:
+        state = state[key]
+    state[last] = value
+
+
+@pytest.mark.parametrize("field,value", _INVALID_CONTROLLER)
 def test_invalid_controller_fields_are_refused(golden, field, value):
-    """Item 9: whatever the controller accepts today, a bad field never escapes as a raw error or
-    half-applies; with the controller's own validation (``validate_state``) every one is refused."""
-    validated = hasattr(td.GrowthController, "validate_state") or field == "architectures"
-    res = _check_hostile(
-        golden,
-        lambda f: _edit_controller(f, lambda s: s.__setitem__(field, value)),
-        refuse=("resume",) if validated else (),
-        isolate=False,
+    """Item 9: every malformed controller field (the layout of ``GrowthController.state_dict()``) is refused by
+    the controller's own validation before anything changes; it never escapes as a raw error or half-applies."""
+    _check_hostile(
+        golden, lambda f: _edit_controller(f, lambda s: _set_path(s, field, value)), refuse=("resume",), isolate=False
     )
-    if not validated and res["resume"] != "refused":
-        pytest.xfail("controller-side field validation is the lead's GrowthController.validate_state (item 9)")
 
 
 def test_torn_folder_mixing_two_saves_is_refused(golden, tmp_path):

@@ -51,6 +51,9 @@ class Snapshot:
     def nbytes(self) -> int:
         seen, total = set(), 0
         for t in self.tensors.values():
+            if distributed.is_sharded(t):
+                total += t.to_local().numel() * t.element_size()  # this rank's shard
+                continue
             key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
             if key not in seen:
                 seen.add(key)
@@ -124,6 +127,9 @@ class ModelActuator:
         copies: Dict[Tuple, torch.Tensor] = {}
         for k, v in self.model.state_dict().items():
             if k in frozen:
+                continue
+            if distributed.is_sharded(v):  # a DTensor has no storage of its own to recognise ties by
+                tensors[k] = _copy_off_device(v)
                 continue
             key = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
             if v.numel() and key in copies:  # a tied tensor: one copy for every name

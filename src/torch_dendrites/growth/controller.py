@@ -294,6 +294,13 @@ class GrowthController:
                 f"controller state: {policy.dendrites} dendrite sets, but the model has {k_now}; load the model "
                 "and the controller together with td.load(path, model, controller)."
             )
+        phase = current["candidate_phase"]
+        params = dict(model.named_parameters())
+        norms = {n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)}
+        strangers = [n for n in phase["trainable_before"] if n not in params]
+        strangers += [n for n in phase["norm_momenta"] if n not in norms]
+        if strangers:
+            raise StateError(f"controller state: candidate_phase names {strangers[:4]}, which the model does not have.")
         if policy.phase == Phase.CANDIDATE and not any(len(la.dendrites.candidates) for la in layers.values()):
             raise StateError(
                 "this controller state is in a candidate phase but the model has no candidates; load the model "

@@ -37,6 +37,12 @@ def test_lora_plus_dendrites_trains_and_base_stays_frozen(tmp_path):
         assert torch.equal(model(input_ids=ids).logits, ref)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    # td.summary counts LoRA as trainable (base) parameters, as peft's print_trainable_parameters does
+    s = td.summary(model)
+    peft_trainable, peft_total = model.get_nb_trainable_parameters()
+    assert (s.trainable_parameters, s.total_parameters) == (peft_trainable, peft_total)
+    lora = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".dendrites." not in n)
+    assert s.trainable_base_parameters == lora > 0 and s.trainable_dendrite_parameters == s.dendrite_parameters
     assert any(".dendrites." in n for n in trainable)
 
     model.train()

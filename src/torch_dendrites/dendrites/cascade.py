@@ -139,6 +139,8 @@ class CascadeDendrites(DendriteStack):
     type_name = "cascade"
     # The growth controller's correlation training (candidates) drives this type only.
     supports_correlation = True
+    # Dendrites run through the layer spec's batched_forward (a new spec is tried once, see LayerSpec.trusted).
+    uses_layer_spec = True
 
     def __init__(self, base: nn.Module, spec, activation: str = "sigmoid", init_scale: float = 0.01):
         super().__init__(base, spec, activation=activation, init_scale=init_scale)

@@ -379,12 +379,13 @@ class DendriticLayer(nn.Module):
             for k, b in base.named_buffers():
                 if k in buffers and b.shape == buffers[k].shape and not torch.equal(b, buffers[k]):
                     b.data.copy_(buffers[k])
-        if not isinstance(out, torch.Tensor) or out.shape != y.shape:
+        axis_ok = -y.dim() <= self.neuron_axis < y.dim() and y.shape[self.neuron_axis] == self.num_neurons
+        if not isinstance(out, torch.Tensor) or out.shape != y.shape or not axis_ok:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise UnsupportedModuleError(
-                f"{where}: one dendrite's output should have the layer's output shape {tuple(y.shape)}, the "
-                f"LayerSpec's batched_forward returned {got} (a wrong neuron_axis or num_neurons does this). "
-                f"Fix: {fix}."
+                f"{where}: one dendrite's output should have the layer's output shape {tuple(y.shape)} with its "
+                f"{self.num_neurons} neurons on axis {self.neuron_axis}; the LayerSpec's batched_forward returned "
+                f"{got} (a wrong neuron_axis or num_neurons does this). Fix: {fix}."
             )
         self._spec_checked = True
 

@@ -102,6 +102,13 @@ def _zero_config_policy(model: nn.Module):
     return None
 
 
+class _Missing:
+    """A _Record.restore value: the attribute did not exist before, so removal deletes it."""
+
+
+MISSING = _Missing()
+
+
 @dataclass
 class _Record:
     """What add_dendrites did to a model, kept on the model so remove/summary/save can use it."""
@@ -291,8 +298,19 @@ def add_dendrites(model: nn.Module, config: Optional[DendriteConfig] = None) -> 
             if any(isinstance(m, DendriticLayer) for m in enc.modules()):
                 record.restore.append((enc, "use_nested_tensor", enc.use_nested_tensor))
                 enc.use_nested_tensor = False
+    if any(type(m).__module__.startswith("peft.") for m in model.modules()):
+        from .integrations.peft import guard, tuner_layers
+
+        # peft's merge_and_unload()/unload() would fold or drop adapters that now carry dendrites: make them refuse.
+        inside = [n for n, t in tuner_layers(model) for a in ("lora_A", "lora_B") if _has_dendrites(getattr(t, a))]
+        if inside:
+            guard(model, record.restore)
     model.__dict__[_RECORD] = record
     return model
+
+
+def _has_dendrites(module: nn.Module) -> bool:
+    return any(isinstance(m, DendriticLayer) for m in module.modules())
 
 
 def _is_inside(name: str, ancestor: str) -> bool:
@@ -327,8 +345,11 @@ def remove_dendrites(model: nn.Module) -> nn.Module:
         for parent, attr in refs[id(layer)]:
             setattr(parent, attr, layer.base)
     if record is not None:
-        for obj, attr, old in record.restore:
-            setattr(obj, attr, old)
+        for obj, attr, old in reversed(record.restore):
+            if old is MISSING:
+                obj.__dict__.pop(attr, None)
+            else:
+                setattr(obj, attr, old)
         del model.__dict__[_RECORD]
     return model
 

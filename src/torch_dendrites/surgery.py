@@ -117,6 +117,8 @@ class _Record:
     skipped: Dict[str, str] = field(default_factory=dict)
     # (object, attribute, original value) to set back on removal.
     restore: List[Tuple[nn.Module, str, object]] = field(default_factory=list)
+    # A weak reference to the GrowthController a framework callback attached (its checkpoints carry its state).
+    controller: object = None
 
 
 def _fast_path_guard(module, args):
@@ -306,6 +308,13 @@ def add_dendrites(model: nn.Module, config: Optional[DendriteConfig] = None) -> 
         if inside:
             guard(model, record.restore)
     model.__dict__[_RECORD] = record
+    hf = type(model).__module__.startswith(("transformers.", "peft."))
+    if hf and callable(getattr(model, "save_pretrained", None)):
+        from .integrations.transformers import guard as guard_save
+
+        # model.save_pretrained (Trainer.save_model, checkpoints, push_to_hub) keeps the dendrites, and a stock
+        # from_pretrained of what it writes refuses instead of silently re-initialising the wrapped layers.
+        guard_save(model)
     return model
 
 

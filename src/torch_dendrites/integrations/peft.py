@@ -25,7 +25,7 @@ from ..errors import StateError
 from ..layer import DendriticLayer
 from ..surgery import _RECORD, MISSING, add_dendrites, dendritic_layers, remove_dendrites
 
-__all__ = ["merge_and_unload"]
+__all__ = ["from_pretrained", "merge_and_unload"]
 
 _FIX = (
     "To merge the LoRA adapters and keep their dendrites, call "
@@ -186,3 +186,46 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
                     for n, p in new.named_parameters():
                         p.requires_grad_(n == "out_gain")
     return unloaded
+
+
+def from_pretrained(base_model: nn.Module, path, controller=None) -> nn.Module:
+    """Load a peft adapter folder written by ``save_pretrained`` of a model with dendrites (the LoRA adapters and
+    their dendrites) onto ``base_model``, a freshly built base model.
+
+    ``peft.PeftModel.from_pretrained`` refuses such a folder (its ``lora_B`` weights are placeholders of the wrong
+    shape); this builds the peft model from the folder's ``adapter_config.json``, re-applies the dendrites and
+    loads every weight strictly.
+
+    Args:
+        base_model: the base model, as built for ``peft.get_peft_model``.
+        path: the adapter folder.
+        controller: a :class:`~torch_dendrites.GrowthController` to restore too.
+
+    Returns:
+        The peft model with its dendrites, in eval mode.
+
+    Raises:
+        CheckpointError: the folder holds no dendrites (load it with ``peft.PeftModel.from_pretrained``) or does not
+            fit the base model.
+    """
+    from pathlib import Path
+
+    import peft
+    from safetensors.torch import load_file
+
+    from ..errors import CheckpointError
+    from . import embedded
+
+    path = Path(path)
+    file = path / embedded.PEFT_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{path} holds no {embedded.PEFT_FILE}; load it with peft.PeftModel.from_pretrained.")
+    config = peft.PeftConfig.from_pretrained(str(path))
+    model = peft.get_peft_model(base_model, config)
+    if controller is not None:
+        controller.model = model
+    embedded.load_entries(model, load_file(str(file)), controller)
+    from .transformers import guard
+
+    guard(model)
+    return model.eval()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -117,8 +117,13 @@ class _Record:
     skipped: Dict[str, str] = field(default_factory=dict)
     # (object, attribute, original value) to set back on removal.
     restore: List[Tuple[nn.Module, str, object]] = field(default_factory=list)
-    # A weak reference to the GrowthController a framework callback attached (its checkpoints carry its state).
+    # Functions to call on removal (hooks the integrations installed).
+    on_remove: List[Callable[[], None]] = field(default_factory=list)
+    # A weak reference to the GrowthController a framework callback attached (its checkpoints carry its state),
+    # and a function giving the controller that a checkpoint being loaded restores.
     controller: object = None
+    restore_target: object = None
+    load_hook: bool = False
 
 
 def _fast_path_guard(module, args):
@@ -359,6 +364,8 @@ def remove_dendrites(model: nn.Module) -> nn.Module:
                 obj.__dict__.pop(attr, None)
             else:
                 setattr(obj, attr, old)
+        for fn in record.on_remove:
+            fn()
         del model.__dict__[_RECORD]
     return model
 

@@ -49,6 +49,24 @@ def pack(model: nn.Module, controller: Any = None) -> Dict[str, torch.Tensor]:
     return out
 
 
+def add_to_file(path: Path, model: nn.Module, controller: Any = None) -> None:
+    """Add the entries to a framework's safetensors weights file that lacks them (rewritten atomically)."""
+    import os
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        if any(k.startswith(PREFIX) for k in f.keys()):
+            return
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    tensors.update(pack(model, controller))
+    tmp = path.with_name(path.name + ".td-tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
 def has_entries(state_dict: Dict[str, Any]) -> bool:
     return any(isinstance(k, str) and k.startswith(PREFIX) for k in state_dict)
 

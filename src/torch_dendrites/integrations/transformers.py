@@ -38,6 +38,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "torch_dendrites.integrations.transformers needs `transformers`: pip install 'torch-dendrites[hf]'"
     ) from exc
 
+import torch
 from torch import nn
 
 from ..config import GrowthConfig
@@ -158,12 +159,24 @@ def _load_with_structure(model: nn.Module, state: dict, controller: Any = None) 
 
 def guard(model: nn.Module) -> None:
     """Route ``model.save_pretrained`` (and so ``Trainer.save_model``, checkpoints, ``push_to_hub``) through
-    :func:`save_pretrained`; :func:`torch_dendrites.remove_dendrites` undoes it."""
+    :func:`save_pretrained`, and make ``model.load_state_dict`` of such a file (Trainer resume) re-grow the saved
+    dendrites first; :func:`torch_dendrites.remove_dendrites` undoes both."""
     record = getattr(model, _RECORD, None)
-    if record is None or "save_pretrained" in model.__dict__:
+    if record is None:
         return
-    record.restore.append((model, "save_pretrained", MISSING))
-    model.__dict__["save_pretrained"] = types.MethodType(save_pretrained, model)
+    if is_hf_model(model) and "save_pretrained" not in model.__dict__:
+        record.restore.append((model, "save_pretrained", MISSING))
+        model.__dict__["save_pretrained"] = types.MethodType(save_pretrained, model)
+    if not getattr(record, "load_hook", False):
+        handle = embedded.install_load_hook(model, controller=lambda: _restore_target(model))
+        record.on_remove.append(handle.remove)
+        record.load_hook = True
+
+
+def _restore_target(model: nn.Module) -> Any:
+    record = getattr(model, _RECORD, None)
+    target = getattr(record, "restore_target", None)
+    return target() if callable(target) else None
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -204,16 +217,17 @@ class DendriteTrainerCallback(transformers.TrainerCallback):
         self.controller: Optional[GrowthController] = None
         self.metric: Optional[str] = None
         self._pending: Optional[_Pending] = None
-        self._hook = None
         self._ddp = None
 
     # ------------------------------------------------------------- set-up
     def on_init_end(self, args, state, control, model=None, **kwargs):
-        if model is not None and dendritic_layers(model) and self._hook is None:
+        if model is not None and dendritic_layers(model):
             # Trainer resume loads checkpoint weights with model.load_state_dict before it builds the optimizer:
-            # the hook re-grows the saved dendrites then, and keeps the controller state for on_train_begin.
-            self._hook = embedded.install_load_hook(model, controller=self._restore_target)
+            # guard()'s hook re-grows the saved dendrites then; the controller state is kept for on_train_begin.
             guard(model)
+            record = getattr(model, _RECORD, None)
+            if record is not None:
+                record.restore_target = self._restore_target
 
     def _restore_target(self):
         if self.controller is not None:
@@ -269,13 +283,61 @@ class DendriteTrainerCallback(transformers.TrainerCallback):
             if ddp is not None:
                 distributed.rebuild_ddp(ddp)  # the Trainer holds the wrapper: rebuilt in place
             if optimizer is not None:
-                sync_optimizer(optimizer, self.controller.model)
+                _regroup(optimizer, self.controller.model)
         if result.done:
             control.should_training_stop = True
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        # A PreTrainedModel's checkpoint already carries the dendrites (its save_pretrained runs guard()'s
+        # version); any other model's weights file gets them added here.
+        if not state.is_world_process_zero or model is None or not dendritic_layers(model):
+            return
+        folder = Path(args.output_dir) / f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        weights = folder / "model.safetensors"
+        if weights.is_file():
+            embedded.add_to_file(weights, model, self.controller)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.writer is not None and callable(getattr(self.writer, "flush", None)):
             self.writer.flush()
+
+
+def _trainer_groups(model: nn.Module):
+    """The two parameter lists ``Trainer.create_optimizer`` builds (weight decay, none), in model order."""
+    decay = set(transformers.Trainer.get_decay_parameter_names(None, model))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [p for n, p in named if n in decay], [p for n, p in named if n not in decay]
+
+
+def _regroup(optimizer: Any, model: nn.Module) -> None:
+    """Update the Trainer's optimizer after a restructured step.
+
+    An optimizer the Trainer built itself gets exactly the groups ``create_optimizer`` would build over the
+    grown model (same members, same order), so that a checkpoint's optimizer state maps onto the optimizer a
+    resumed run builds; per-parameter state is cleared, as for a new optimizer. Any other optimizer is updated
+    with :func:`torch_dendrites.sync_optimizer`.
+    """
+    inner = optimizer
+    while hasattr(inner, "optimizer") and not isinstance(inner, torch.optim.Optimizer):
+        inner = inner.optimizer
+    groups = getattr(inner, "param_groups", [])
+    try:
+        decay, no_decay = _trainer_groups(model)
+    except Exception:  # a transformers version without the Trainer's rule: the generic update
+        decay = no_decay = None
+    held = [{id(p) for p in g["params"]} for g in groups]
+    present = {id(p) for p in model.parameters()}
+    built_by_trainer = (
+        decay is not None
+        and len(groups) == 2
+        and held[0] & present <= {id(p) for p in decay}
+        and held[1] & present <= {id(p) for p in no_decay}
+    )
+    if not built_by_trainer:
+        sync_optimizer(optimizer, model)
+        return
+    groups[0]["params"], groups[1]["params"] = decay, no_decay
+    inner.state.clear()
 
 
 class _Pending:

@@ -1,0 +1,108 @@
+"""Resume through the frameworks' own checkpoints: stop after a growth, resume into a freshly built model, and
+compare with the uninterrupted run (dendrite counts, controller history, weights)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import torch_dendrites as td
+
+CFG = dict(mode="fixed", switch_every=2, max_dendrites=2, seed=0)
+
+
+def data(n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    y = (x[:, 0] * x[:, 1] > 0).long()
+    return x, y
+
+
+def same_history(a, b):
+    strip = [{k: v for k, v in r.items()} for r in a]
+    return json.dumps(strip, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+# --------------------------------------------------------------------------- Hugging Face Trainer
+def hf_run(tmp_path, name, epochs, stop_after=None, resume=None):
+    transformers = pytest.importorskip("transformers")
+    from torch_dendrites.integrations.transformers import DendriteTrainerCallback
+
+    x, y = data()
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(y)
+
+        def __getitem__(self, i):
+            return {"x": x[i], "labels": y[i]}
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+        def forward(self, x, labels=None):
+            logits = self.net(x)
+            return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+    class Stop(transformers.TrainerCallback):
+        def on_epoch_end(self, args, state, control, **kw):
+            if stop_after is not None and round(state.epoch) >= stop_after:
+                control.should_training_stop = True
+
+    torch.manual_seed(0 if resume is None else 123)  # a resumed run starts from other random weights
+    model = td.add_dendrites(Net())
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / name), num_train_epochs=epochs, per_device_train_batch_size=16,
+        eval_strategy="epoch", save_strategy="epoch", metric_for_best_model="accuracy", greater_is_better=True,
+        report_to=[], learning_rate=1e-2, disable_tqdm=True, use_cpu=True, logging_strategy="no", seed=0,
+        save_only_model=False,
+    )  # fmt: skip
+    cb = DendriteTrainerCallback(config=td.GrowthConfig(**CFG))
+
+    def metrics(p):
+        return {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())}
+
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=DS(), eval_dataset=DS(), compute_metrics=metrics, callbacks=[cb, Stop()]
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return model, cb
+
+
+def test_hf_trainer_resume_from_checkpoint_continues_the_run(tmp_path):
+    full, cb_full = hf_run(tmp_path, "full", epochs=6)
+    assert [r["event"] for r in cb_full.controller.history][:4] == ["", "grow", "", "grow"]
+    part, cb_part = hf_run(tmp_path, "part", epochs=6, stop_after=3)
+    assert cb_part.controller.epoch == 3 and cb_part.controller.num_dendrites == 1
+    ckpt = tmp_path / "part" / "checkpoint-18"  # 3 epochs x 6 steps
+    assert ckpt.is_dir()
+    resumed, cb_res = hf_run(tmp_path, "part", epochs=6, resume=str(ckpt))
+    assert cb_res.controller.epoch == cb_full.controller.epoch
+    assert same_history(cb_res.controller.history, cb_full.controller.history)
+    counts = {n: la.num_dendrites for n, la in td.dendritic_layers(full).items()}
+    assert {n: la.num_dendrites for n, la in td.dendritic_layers(resumed).items()} == counts
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), k
+
+
+def test_hf_checkpoint_weights_regrow_dendrites_on_load_state_dict(tmp_path):
+    """What Trainer resume does first (model.load_state_dict of the checkpoint's file) re-grows the dendrites of a
+    freshly wrapped model, before any optimizer exists; a plain model is refused instead of silently half-loaded."""
+    from safetensors.torch import load_file
+
+    from torch_dendrites.integrations.transformers import guard
+
+    part, _ = hf_run(tmp_path, "part", epochs=4, stop_after=3)
+    state = load_file(str(tmp_path / "part" / "checkpoint-18" / "model.safetensors"))
+    assert any(k.startswith("torch_dendrites/") for k in state)
+    fresh = td.add_dendrites(type(part)())
+    guard(fresh)  # what DendriteTrainerCallback does at Trainer(...) time
+    fresh.load_state_dict(state)
+    assert {n: la.num_dendrites for n, la in td.dendritic_layers(fresh).items()} == {"net.0": 1, "net.2": 1}
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        type(part)().load_state_dict(state)  # no dendrites, no hook: strict loading refuses

@@ -106,3 +106,76 @@ def test_hf_checkpoint_weights_regrow_dendrites_on_load_state_dict(tmp_path):
     assert {n: la.num_dendrites for n, la in td.dendritic_layers(fresh).items()} == {"net.0": 1, "net.2": 1}
     with pytest.raises(RuntimeError, match="Unexpected key"):
         type(part)().load_state_dict(state)  # no dendrites, no hook: strict loading refuses
+
+
+# --------------------------------------------------------------------------- Lightning
+def pl_module_class():
+    L = pytest.importorskip("lightning.pytorch")
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, _):
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def validation_step(self, batch, _):
+            self.log("val_acc", (self(batch[0]).argmax(1) == batch[1]).float().mean())
+
+        def configure_optimizers(self):
+            opt = torch.optim.Adam(self.parameters(), lr=1e-2)
+            return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.9)}
+
+    return L, Module
+
+
+def pl_run(tmp_path, epochs, ckpt_path=None, logger=False):
+    L, Module = pl_module_class()
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from torch_dendrites.integrations.lightning import DendriteCallback
+
+    x, y = data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    torch.manual_seed(0 if ckpt_path is None else 123)
+    module = Module()
+    cb = DendriteCallback(monitor="val_acc", config=td.GrowthConfig(**CFG))
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True, save_top_k=0)
+    trainer = L.Trainer(
+        max_epochs=epochs, accelerator="cpu", logger=logger, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, callbacks=[cb, ckpt], deterministic=True, default_root_dir=str(tmp_path),
+    )  # fmt: skip
+    trainer.fit(module, loader, loader, ckpt_path=ckpt_path)
+    return module, cb
+
+
+def test_lightning_ckpt_path_continues_the_run(tmp_path):
+    full, cb_full = pl_run(tmp_path / "full", epochs=6)
+    assert [r["event"] for r in cb_full.controller.history][:4] == ["", "grow", "", "grow"]
+    part, cb_part = pl_run(tmp_path / "part", epochs=3)
+    assert cb_part.controller.num_dendrites == 1
+    last = tmp_path / "part" / "ckpt" / "last.ckpt"
+    resumed, cb_res = pl_run(tmp_path / "part", epochs=6, ckpt_path=str(last))
+    assert same_history(cb_res.controller.history, cb_full.controller.history)
+    counts = {n: la.num_dendrites for n, la in td.dendritic_layers(full).items()}
+    assert {n: la.num_dendrites for n, la in td.dendritic_layers(resumed).items()} == counts
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), k
+
+
+def test_lightning_loggers_receive_growth_scalars_and_events(tmp_path):
+    pytest.importorskip("tensorboard")
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger = CSVLogger(str(tmp_path / "logs"), name="run")
+    pl_run(tmp_path, epochs=3, logger=logger)
+    import csv
+
+    rows = list(csv.DictReader(open(logger.experiment.metrics_file_path)))
+    counts = [r["dendrites/count"] for r in rows if r.get("dendrites/count")]
+    assert counts and [float(c) for c in counts][:3] == [0.0, 0.0, 1.0]
+    assert any(r.get("dendrites/score") for r in rows)

@@ -179,3 +179,66 @@ def test_lightning_loggers_receive_growth_scalars_and_events(tmp_path):
     counts = [r["dendrites/count"] for r in rows if r.get("dendrites/count")]
     assert counts and [float(c) for c in counts][:3] == [0.0, 0.0, 1.0]
     assert any(r.get("dendrites/score") for r in rows)
+
+
+# --------------------------------------------------------------------------- accelerate
+def acc_run(tmp_path, name, epochs, resume_from=None, log=False):
+    accelerate = pytest.importorskip("accelerate")
+    from torch_dendrites.integrations.accelerate import AcceleratedGrowth
+
+    kwargs = {"log_with": "tensorboard", "project_dir": str(tmp_path / name / "tb")} if log else {}
+    accelerator = accelerate.Accelerator(cpu=True, **kwargs)
+    if log:
+        accelerator.init_trackers("run")
+    x, y = data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    torch.manual_seed(0 if resume_from is None else 123)
+    model = td.add_dendrites(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+    growth = AcceleratedGrowth(accelerator, model, td.GrowthConfig(**CFG))
+    if resume_from is not None:
+        assert growth.restore(resume_from)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model, opt, loader = accelerator.prepare(model, opt, loader)
+    if resume_from is not None:
+        accelerator.load_state(resume_from)
+    while not growth.done and growth.controller.epoch < epochs:
+        model.train()
+        for xb, yb in loader:
+            opt.zero_grad()
+            accelerator.backward(nn.functional.cross_entropy(model(xb), yb))
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            acc = (model(x).argmax(1) == y).float().mean().item()
+        growth.step(acc, opt)
+        accelerator.save_state(str(tmp_path / name / "ckpt"))
+    if log:
+        accelerator.end_training()
+    return accelerator.unwrap_model(model), growth
+
+
+def test_accelerate_load_state_continues_the_run(tmp_path):
+    full, g_full = acc_run(tmp_path, "full", epochs=6)
+    assert [r["event"] for r in g_full.controller.history][:4] == ["", "grow", "", "grow"]
+    part, g_part = acc_run(tmp_path, "part", epochs=3)
+    assert g_part.controller.num_dendrites == 1
+    resumed, g_res = acc_run(tmp_path, "part", epochs=6, resume_from=str(tmp_path / "part" / "ckpt"))
+    assert same_history(g_res.controller.history, g_full.controller.history)
+    counts = {n: la.num_dendrites for n, la in td.dendritic_layers(full).items()}
+    assert {n: la.num_dendrites for n, la in td.dendritic_layers(resumed).items()} == counts
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), k
+
+
+def test_accelerate_trackers_receive_growth_scalars_and_events(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc_run(tmp_path, "logged", epochs=3, log=True)
+    (events,) = list((tmp_path / "logged" / "tb").rglob("events.out.tfevents.*"))[:1]
+    acc = EventAccumulator(str(events.parent), size_guidance={"tensors": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert "dendrites/count" in tags["scalars"]
+    assert [e.value for e in acc.Scalars("dendrites/count")] == [0.0, 0.0, 1.0]
+    assert any("dendrites/event" in t for t in tags["tensors"])  # add_text stores text as tensors

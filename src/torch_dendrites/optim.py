@@ -92,7 +92,9 @@ def sync_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, group: in
     Parameters the model no longer has are dropped; trainable parameters the optimizer does not hold yet
     (new dendrites) join the group marked ``"dendrites": True`` (see :func:`param_groups`) if there is one,
     else param group ``group``, so learning-rate schedulers keep driving them; parameters
-    frozen by the controller stay in their groups (they get no gradient). Where the candidate groups hold both a
+    frozen by the controller stay in their groups (they get no gradient); each group is then kept in the model's
+    parameter order, as in an optimizer built afresh (so checkpoints of either load into the other). Where the
+    candidate groups hold both a
     weight-decay group and a no-decay group (``weight_decay=0``), new biases and dendrite gains join the no-decay
     one and new weight matrices the other, as in the usual "decay / no_decay" split. With ``reset_state`` (the default)
     every per-parameter state (Adam moments, momentum) is cleared, as a freshly built optimizer would have
@@ -151,6 +153,11 @@ def sync_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, group: in
             if not any(g is target for g in wanted):
                 target = wanted[0]
         target["params"].append(p)
+    # Each group in model order: the layout an optimizer built afresh over the grown model has, so that its saved
+    # state (which maps parameters by position) loads into the optimizer a resumed run builds.
+    order = {id(p): i for i, p in enumerate(model.parameters())}
+    for g in inner.param_groups:
+        g["params"].sort(key=lambda p: order.get(id(p), len(order)))
     if reset_state:
         inner.state.clear()
     else:

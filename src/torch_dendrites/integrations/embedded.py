@@ -163,9 +163,11 @@ def install_load_hook(model: nn.Module, controller: Callable[[], Any] = lambda: 
     busy = []
 
     def hook(module, state_dict, prefix, *args):
-        if busy or prefix or not has_entries(state_dict):
+        # prefix: the model's path inside a wrapper that loads it (DDP's "module.", for one).
+        mine = prefix + PREFIX
+        if busy or not any(isinstance(k, str) and k.startswith(mine) for k in state_dict):
             return
-        entries = strip(state_dict)
+        entries = {k[len(prefix) :]: state_dict.pop(k) for k in list(state_dict) if k.startswith(mine)}
         busy.append(True)
         try:
             load_entries(model, entries, controller(), restructure)
@@ -175,6 +177,6 @@ def install_load_hook(model: nn.Module, controller: Callable[[], Any] = lambda: 
         present = set(model.state_dict())
         for key in list(sentinels(model)):
             if key not in present:
-                state_dict.pop(key, None)
+                state_dict.pop(prefix + key, None)
 
     return model.register_load_state_dict_pre_hook(hook)

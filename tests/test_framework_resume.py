@@ -27,7 +27,7 @@ def same_history(a, b):
 
 
 # --------------------------------------------------------------------------- Hugging Face Trainer
-def hf_run(tmp_path, name, epochs, stop_after=None, resume=None):
+def hf_run(tmp_path, name, epochs, stop_after=None, resume=None, report_to=()):
     transformers = pytest.importorskip("transformers")
     from torch_dendrites.integrations.transformers import DendriteTrainerCallback
 
@@ -59,8 +59,8 @@ def hf_run(tmp_path, name, epochs, stop_after=None, resume=None):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / name), num_train_epochs=epochs, per_device_train_batch_size=16,
         eval_strategy="epoch", save_strategy="epoch", metric_for_best_model="accuracy", greater_is_better=True,
-        report_to=[], learning_rate=1e-2, disable_tqdm=True, use_cpu=True, logging_strategy="no", seed=0,
-        save_only_model=False,
+        report_to=list(report_to), learning_rate=1e-2, disable_tqdm=True, use_cpu=True, logging_strategy="no",
+        seed=0, save_only_model=False,
     )  # fmt: skip
     cb = DendriteTrainerCallback(config=td.GrowthConfig(**CFG))
 
@@ -88,6 +88,18 @@ def test_hf_trainer_resume_from_checkpoint_continues_the_run(tmp_path):
     assert {n: la.num_dendrites for n, la in td.dendritic_layers(resumed).items()} == counts
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5), k
+
+
+def test_hf_trainer_growth_scalars_reach_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    hf_run(tmp_path, "tb", epochs=3, report_to=["tensorboard"])
+    acc = EventAccumulator(str(tmp_path / "tb" / "runs" / "dendrites"), size_guidance={"tensors": 0, "scalars": 0})
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("dendrites/count")] == [0.0, 0.0, 1.0]
+    assert "dendrites/score" in acc.Tags()["scalars"]
+    assert any("dendrites/event" in t for t in acc.Tags()["tensors"])
 
 
 def test_hf_checkpoint_weights_regrow_dendrites_on_load_state_dict(tmp_path):

@@ -105,3 +105,22 @@ def test_peft_save_pretrained_round_trip_and_stock_refusal(tmp_path):
 
 def test_zoo_is_covered():
     assert set(CLASSES) <= set(ZOO)
+
+
+def test_a_deep_copy_loads_into_itself(tmp_path):
+    import copy
+
+    from safetensors.torch import load_file
+
+    model, _ = grown("llama")
+    model.save_pretrained(tmp_path / "m")
+    state = load_file(str(tmp_path / "m" / "model.safetensors"))
+    plain, _ = build("llama")
+    td.add_dendrites(plain)
+    twin = copy.deepcopy(plain)
+    twin.load_state_dict(state, strict=False)  # the hook re-grows the copy, not the original
+    assert all(la.num_dendrites == 2 for la in td.dendritic_layers(twin).values())
+    assert all(la.num_dendrites == 0 for la in td.dendritic_layers(plain).values())
+    assert torch.equal(
+        twin.model.layers[0].self_attn.q_proj.base.weight, model.model.layers[0].self_attn.q_proj.base.weight
+    )

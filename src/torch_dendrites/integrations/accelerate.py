@@ -108,7 +108,7 @@ class AcceleratedGrowth:
         self._handle = accelerator.register_save_state_pre_hook(self._on_save)
         # load_state loads the weights file into the prepared model: the hook takes the entries out (and checks
         # that the structure fits the optimizer already built), then restores the controller.
-        self._load_hook = embedded.install_load_hook(model, controller=lambda: self.controller, restructure=False)
+        self._load_hook = embedded.install_load_hook(model, controller=lambda m: self.controller, restructure=False)
 
     @property
     def done(self) -> bool:

@@ -153,7 +153,8 @@ def install_load_hook(model: nn.Module, controller: Callable[[], Any] = lambda: 
 
     Args:
         model: the model the framework will load into (the root of the state dict's keys).
-        controller: returns the controller to restore (or None).
+        controller: ``controller(module)`` returns the controller to restore (or None); ``module`` is the model being
+            loaded (a deep copy of ``model`` carries the hook too, and then loads into itself).
         restructure: whether the hook may add dendrites (False where the optimizer was already built over the
             model's parameters: then a structure that differs raises a CheckpointError with the fix).
 
@@ -170,12 +171,12 @@ def install_load_hook(model: nn.Module, controller: Callable[[], Any] = lambda: 
         entries = {k[len(prefix) :]: state_dict.pop(k) for k in list(state_dict) if k.startswith(mine)}
         busy.append(True)
         try:
-            load_entries(model, entries, controller(), restructure)
+            load_entries(module, entries, controller(module), restructure)
         finally:
             busy.pop()
         # The sentinels of a Hugging Face folder: keys the wrapped model does not have.
-        present = set(model.state_dict())
-        for key in list(sentinels(model)):
+        present = set(module.state_dict())
+        for key in list(sentinels(module)):
             if key not in present:
                 state_dict.pop(prefix + key, None)
 

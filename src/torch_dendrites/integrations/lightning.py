@@ -114,7 +114,7 @@ class DendriteCallback(pl.Callback):
         )
         # ckpt_path= restores the module's weights before the optimizers: the hook re-grows the saved dendrites
         # (and restores the controller) first, so the strict load and the optimizer states fit.
-        self._hook = embedded.install_load_hook(pl_module, controller=lambda: self.controller)
+        self._hook = embedded.install_load_hook(pl_module, controller=lambda m: self.controller)
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: Dict[str, Any]

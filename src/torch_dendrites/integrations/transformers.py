@@ -168,7 +168,7 @@ def guard(model: nn.Module) -> None:
         record.restore.append((model, "save_pretrained", MISSING))
         model.__dict__["save_pretrained"] = types.MethodType(save_pretrained, model)
     if not getattr(record, "load_hook", False):
-        handle = embedded.install_load_hook(model, controller=lambda: _restore_target(model))
+        handle = embedded.install_load_hook(model, controller=_restore_target)
         record.on_remove.append(handle.remove)
         record.load_hook = True
 

@@ -124,6 +124,20 @@ def from_pretrained(model_class: Any, path: Union[str, Path], controller: Any = 
     Raises:
         CheckpointError: the folder holds no dendrite structure (use the stock ``from_pretrained``) or does not
             fit the model class.
+
+    Example:
+        >>> import tempfile, torch, transformers, torch_dendrites as td
+        >>> from torch_dendrites.integrations.transformers import from_pretrained
+        >>> cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        ...                               intermediate_size=20)
+        >>> model = td.add_dendrites(transformers.BertModel(cfg))
+        >>> _ = td.grow(model)
+        >>> folder = tempfile.mkdtemp()
+        >>> model.save_pretrained(folder)  # the dendrites ride inside model.safetensors
+        >>> loaded = from_pretrained(transformers.BertModel, folder)
+        >>> ids = torch.randint(0, 50, (1, 5))
+        >>> torch.equal(loaded(ids).last_hidden_state, model.eval()(ids).last_hidden_state)
+        True
     """
     from safetensors.torch import load_file
 

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from models import CASES
+from models import CASES, CUSTOM_CASES
 
 import torch_dendrites as td
 from torch_dendrites.dendrites import (
@@ -31,7 +31,7 @@ OPTIONS = {
 }
 # lowrank and sparse build their own weights from the layer's algebra: built-in layer types only.
 OWN_WEIGHTS = ("lowrank", "sparse", "sparse_linear")
-PAIRS = [(t, c) for t in OPTIONS for c in sorted(CASES) if not (t in OWN_WEIGHTS and c == "custom")]
+PAIRS = [(t, c) for t in OPTIONS for c in sorted(CASES) if not (t in OWN_WEIGHTS and c in CUSTOM_CASES)]
 
 
 def config(dtype, case=None, **extra):
@@ -486,7 +486,7 @@ def test_gated_dendrites_are_independent_between_models():
 
 def test_number_of_types():
     assert set(OPTIONS) | {"cascade"} == set(dendrite_type_names())
-    assert math.isclose(len(PAIRS), 4 * len(CASES) - 3)
+    assert math.isclose(len(PAIRS), 4 * len(CASES) - len(OWN_WEIGHTS) * len(CUSTOM_CASES))
 
 
 @pytest.mark.parametrize("dtype", OWN_WEIGHTS)

@@ -27,7 +27,15 @@ from .growth import GrowthController, StepResult
 from .layer import DendriticLayer, LayerSpec, register_layer_type
 from .optim import param_groups, sync_optimizer
 from .persistence import load, save
-from .surgery import Summary, add_dendrites, dendritic_layers, grow, remove_dendrites, summary
+from .surgery import (
+    Summary,
+    add_dendrites,
+    dendritic_layers,
+    grow,
+    load_base_state_dict,
+    remove_dendrites,
+    summary,
+)
 
 __version__ = "0.1.0"
 
@@ -51,6 +59,7 @@ __all__ = [
     "dendritic_layers",
     "grow",
     "load",
+    "load_base_state_dict",
     "param_groups",
     "register_dendrite_type",
     "register_layer_type",

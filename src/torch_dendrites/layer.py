@@ -33,7 +33,16 @@ class LayerSpec:
         neuron_axis: the output axis holding the neurons, counted from the end (``-1`` for features-last
             layers); negative so unbatched inputs work too.
         num_neurons: ``fn(module) -> int``; default reads ``out_features``, ``out_channels`` or ``nf``.
+
+    Attributes:
+        trusted: the built-in specs set it; a layer wrapped with any other spec runs one trial forward with a
+            single dendrite the first time it is called, so a spec that cannot run (a forward that does not
+            vmap, a wrong output shape) fails at once with the fix, not at the first step after a growth.
+        default_target: whether a config with no selectors wraps this type (``nn.Embedding``: only when asked).
     """
+
+    trusted = False
+    default_target = True
 
     def __init__(self, neuron_axis: int = -1, num_neurons: Optional[Callable[[nn.Module], int]] = None):
         if isinstance(neuron_axis, bool) or not isinstance(neuron_axis, int) or neuron_axis >= 0:
@@ -98,6 +107,8 @@ def _cat(ts: List[torch.Tensor], dim: int = 0) -> torch.Tensor:
 
 
 class _LinearSpec(LayerSpec):
+    trusted = True
+
     def param_names(self, module):
         return ["weight", "bias"]
 
@@ -114,6 +125,8 @@ class _LinearSpec(LayerSpec):
 
 
 class _ConvSpec(LayerSpec):
+    trusted = True
+
     def __init__(self, dims: int):
         super().__init__(neuron_axis=-(dims + 1))
         self.dims = dims
@@ -146,6 +159,8 @@ class _ConvSpec(LayerSpec):
 class _HFConv1DSpec(LayerSpec):
     """Hugging Face's GPT-2 ``Conv1D``: a linear layer whose weight is stored ``[in, out]``."""
 
+    trusted = True
+
     def param_names(self, module):
         return ["weight", "bias"]
 
@@ -162,6 +177,37 @@ class _HFConv1DSpec(LayerSpec):
         return out.view(*x.shape[:-1], w.shape[1])
 
 
+class _EmbeddingSpec(LayerSpec):
+    """``nn.Embedding``: a dendrite is another table of the same shape, read at the same indices; its sigmoid
+    joins each embedding feature (the neurons are the ``embedding_dim`` features)."""
+
+    trusted = True
+    # An embedding is usually shared with an output projection or read directly by its model (Hugging Face's
+    # get_input_embeddings, weight tying): wrapped only when a config names it.
+    default_target = False
+
+    def __init__(self):
+        super().__init__(neuron_axis=-1, num_neurons=lambda m: m.embedding_dim)
+
+    def param_names(self, module):
+        return ["weight"]
+
+    def init_params(self, module, scale, generator):
+        # nn.Embedding draws N(0, 1); a dendrite's table is that times scale (uniform with the same variance).
+        bound = scale * math.sqrt(3.0)
+        return {"weight": _uniform(module.weight.shape, bound, module.weight, generator)}
+
+    def batched_forward(self, module, params, idx):
+        if module.max_norm is not None:
+            raise UnsupportedModuleError(
+                "nn.Embedding(max_norm=...) renormalises its table in place during the forward; dendrites of such "
+                "an embedding are not supported. Leave it out (DendriteConfig(exclude=[...]))."
+            )
+        # The k tables side by side: one lookup returns [..., k * dim], dendrite-major.
+        w = _cat(params["weight"], dim=1)
+        return F.embedding(idx, w, module.padding_idx, None, 2.0, module.scale_grad_by_freq, module.sparse)
+
+
 # The type registry: layer class (or "module.QualName" for classes of optional libraries, resolved
 # without importing them) -> LayerSpec. It holds type knowledge only, never training state.
 _REGISTRY: Dict[Union[type, str], LayerSpec] = {
@@ -169,6 +215,7 @@ _REGISTRY: Dict[Union[type, str], LayerSpec] = {
     nn.Conv1d: _ConvSpec(1),
     nn.Conv2d: _ConvSpec(2),
     nn.Conv3d: _ConvSpec(3),
+    nn.Embedding: _EmbeddingSpec(),
     "transformers.pytorch_utils.Conv1D": _HFConv1DSpec(),
 }
 
@@ -274,6 +321,10 @@ class DendriticLayer(nn.Module):
         self.dendrites = make_dendrites(
             dendrite_type, base, spec, activation=activation, init_scale=init_scale, **(options or {})
         )
+        # The layer's path in its model (set by add_dendrites), for error messages.
+        self.path = ""
+        # A spec the library does not ship is tried once, at the first call (see LayerSpec.trusted).
+        self._spec_checked = spec.trusted or not getattr(self.dendrites, "uses_layer_spec", False)
 
     @property
     def num_dendrites(self) -> int:
@@ -286,10 +337,57 @@ class DendriticLayer(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = self.base(*args, **kwargs)
+        if not self._spec_checked:
+            self._try_spec(y, args, kwargs)
         d = self.dendrites
         if d.num_dendrites == 0 and not len(getattr(d, "candidates", ())):
             return y
         return self.dendrites(y, self.neuron_axis, *args, **kwargs)
+
+    def _try_spec(self, y: Any, args: tuple, kwargs: dict) -> None:
+        """Run the spec's batched forward once with one throw-away dendrite on this call's input."""
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return  # traced code is checked by the eager call that comes first, or not at all
+        base = self.base
+        name = type(base).__name__
+        where = f"layer '{self.path}' ({name})" if self.path else f"a {name} layer"
+        if not isinstance(y, torch.Tensor):
+            raise UnsupportedModuleError(
+                f"{where} returns a {type(y).__name__}, not a tensor: dendrites add to a layer's one output tensor. "
+                "Wrap the part of the block that computes that tensor, or leave these layers out with "
+                "DendriteConfig(exclude=[...])."
+            )
+        fix = (
+            f"register the type with a LayerSpec subclass whose batched_forward runs k dendrites in one op: "
+            f"td.register_layer_type({name}, spec=MySpec()) (see the LayerSpec docstring), or leave these layers "
+            "out with DendriteConfig(exclude=[...])"
+        )
+        buffers = {k: b.clone() for k, b in base.named_buffers()}
+        try:
+            with torch.no_grad():
+                weights = self.spec.init_params(base, 0.01, torch.Generator().manual_seed(0))
+                out = self.spec.batched_forward(base, {n: [w] for n, w in weights.items()}, *args, **kwargs)
+        except Exception as exc:
+            raise UnsupportedModuleError(
+                f"{where}: dendrites cannot run on this layer type: its LayerSpec's batched_forward (by default "
+                f"the layer's own forward under torch.func.vmap over the stacked dendrite weights) failed with "
+                f"{type(exc).__name__}: {exc}. Fix: {fix}."
+            ) from exc
+        finally:
+            # The trial must leave running statistics and other buffers as they were. Written through .data:
+            # the base forward of this very call may have saved them for its backward (batch norm does).
+            for k, b in base.named_buffers():
+                if k in buffers and b.shape == buffers[k].shape and not torch.equal(b, buffers[k]):
+                    b.data.copy_(buffers[k])
+        axis_ok = -y.dim() <= self.neuron_axis < y.dim() and y.shape[self.neuron_axis] == self.num_neurons
+        if not isinstance(out, torch.Tensor) or out.shape != y.shape or not axis_ok:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise UnsupportedModuleError(
+                f"{where}: one dendrite's output should have the layer's output shape {tuple(y.shape)} with its "
+                f"{self.num_neurons} neurons on axis {self.neuron_axis}; the LayerSpec's batched_forward returned "
+                f"{got} (a wrong neuron_axis or num_neurons does this). Fix: {fix}."
+            )
+        self._spec_checked = True
 
     def grow(self, generator: Optional[torch.Generator] = None) -> int:
         """Add one dendrite to every neuron; the output is unchanged. Returns the parameters added."""

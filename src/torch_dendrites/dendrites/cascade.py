@@ -32,6 +32,10 @@ def _gain_sum(t: torch.Tensor, p: int) -> torch.Tensor:
     return t.sum(dims) if dims else t
 
 
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 def _cascade_reference(a, y, v, p, activation, u):
     """The cascade in plain differentiable ops (for tracing); same math as :class:`_Cascade`."""
     tail = (1,) * (y.dim() - p - 1)
@@ -139,6 +143,8 @@ class CascadeDendrites(DendriteStack):
     type_name = "cascade"
     # The growth controller's correlation training (candidates) drives this type only.
     supports_correlation = True
+    # Dendrites run through the layer spec's batched_forward (a new spec is tried once, see LayerSpec.trusted).
+    uses_layer_spec = True
 
     def __init__(self, base: nn.Module, spec, activation: str = "sigmoid", init_scale: float = 0.01):
         super().__init__(base, spec, activation=activation, init_scale=init_scale)
@@ -217,9 +223,10 @@ class CascadeDendrites(DendriteStack):
             a = a.to(dt)
             v = torch.stack([d.out_gain for d in ds]).to(dt)  # [k, C]
             u = [d.cascade_gain.to(dt) for d in ds[1:]]  # u[i-1]: [i, C]
-            if torch.compiler.is_compiling():
-                # Traced code (torch.compile, torch.export) gets plain ops, which the compiler fuses; the
-                # hand-written backward's in-place `out=` writes into slices do not trace.
+            if _tracing():
+                # Traced code (torch.compile, torch.export, ONNX export, torch.jit.trace) gets plain ops, which
+                # compilers fuse and exporters know; the hand-written backward's in-place `out=` writes into
+                # slices do not trace, and a Python autograd Function has no ONNX symbolic.
                 out, s = _cascade_reference(a.unflatten(p, (k, c)), y, v, p, self.activation, u)
             elif len(self.candidates):
                 out, s = _Cascade.apply(a.unflatten(p, (k, c)), y, v, p, self.activation, True, *u)

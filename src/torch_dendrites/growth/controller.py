@@ -429,13 +429,17 @@ class GrowthController:
         # Ranks may see different local scores: decide on their mean, identically everywhere.
         keys = sorted(extras)
         reduced = distributed.all_reduce_mean([score] + [extras[k] for k in keys])
-        if _has_dtensor(self.model) and not distributed.replicas_agree(distributed._dendrite_params(self.model)):
-            # FSDP2: the replicated dendrites drift apart if their gradients are not averaged.
-            raise StateError(
-                "the dendrite weights differ between ranks; call td.integrations.distributed."
-                "sync_dendrite_grads(model) after every loss.backward() (FSDP does not average them). "
-                "The controller's state was left unchanged."
-            )
+        if _has_dtensor(self.model):
+            if not distributed.replicas_agree(distributed._dendrite_params(self.model)):
+                # FSDP2: the replicated dendrites drift apart if their gradients are not averaged.
+                raise StateError(
+                    "the dendrite weights differ between ranks; call td.integrations.distributed."
+                    "sync_dendrite_grads(model) after every loss.backward() (FSDP does not average them). "
+                    "The controller's state was left unchanged."
+                )
+        else:
+            # DDP and the framework integrations: replicas that drifted apart are never trained on silently.
+            distributed.check_replicas(self.model, "GrowthController.step; the controller's state was left unchanged")
         if self.policy.state.phase == Phase.CANDIDATE:
             for layer in dendritic_layers(self.model).values():
                 st = layer.dendrites.correlation

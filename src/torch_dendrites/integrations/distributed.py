@@ -30,6 +30,9 @@ __all__ = [
     "is_distributed",
     "rank",
     "rewrap_ddp",
+    "rebuild_ddp",
+    "check_replicas",
+    "ddp_of",
     "shard_dendritic",
     "sync_dendrite_grads",
     "all_reduce_mean",
@@ -94,18 +97,87 @@ def rewrap_ddp(model: nn.Module, **ddp_kwargs: Any) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     inner = model.module if isinstance(model, DDP) else model
-    opts: Dict[str, Any] = {}
-    if isinstance(model, DDP):
-        opts = {
-            "device_ids": model.device_ids,
-            "output_device": model.output_device,
-            "find_unused_parameters": model.find_unused_parameters,
-            "gradient_as_bucket_view": model.gradient_as_bucket_view,
-        }
-        if not model.broadcast_buffers:  # passed only when changed: the option is being renamed
-            opts["broadcast_buffers"] = False
+    opts = _ddp_options(model) if isinstance(model, DDP) else {}
     opts.update(ddp_kwargs)
     return DDP(inner, **opts)
+
+
+def _ddp_options(model: nn.Module) -> Dict[str, Any]:
+    opts: Dict[str, Any] = {
+        "device_ids": model.device_ids,
+        "output_device": model.output_device,
+        "find_unused_parameters": model.find_unused_parameters,
+        "gradient_as_bucket_view": model.gradient_as_bucket_view,
+    }
+    if not model.broadcast_buffers:  # passed only when changed: the option is being renamed
+        opts["broadcast_buffers"] = False
+    if getattr(model, "process_group", None) is not None:
+        opts["process_group"] = model.process_group
+    if getattr(model, "static_graph", False):
+        opts["static_graph"] = True
+    return opts
+
+
+def rebuild_ddp(model: nn.Module) -> nn.Module:
+    """Rebuild a ``DistributedDataParallel`` wrapper *in place* over its module's current parameters.
+
+    For training loops that hold the wrapper where user code cannot replace it (the Hugging Face Trainer keeps
+    it in a local variable; accelerate and Lightning keep references too): the object stays the same, its
+    reducer is built anew over the new parameter list (the old one is released, which removes its autograd
+    hooks), and rank 0's parameters and buffers are broadcast, so every rank continues identical. Hooks
+    registered on the wrapper itself and its train/eval mode are kept; communication hooks registered on the
+    old reducer are not (register them again). A no-op for anything that is not a DDP wrapper.
+
+    Args:
+        model: the DDP wrapper (anything else is returned unchanged).
+
+    Returns:
+        ``model``.
+    """
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if not isinstance(model, DDP):
+        return model
+    opts = _ddp_options(model)
+    module, training = model.module, model.training
+    hooks = {k: v for k, v in model.__dict__.items() if k.startswith("_") and "hooks" in k and isinstance(v, dict)}
+    DDP.__init__(model, module, **opts)
+    for k, v in hooks.items():
+        if v:
+            model.__dict__[k] = v
+    model.train(training)
+    return model
+
+
+def ddp_of(model: nn.Module) -> Any:
+    """A recorder of the ``DistributedDataParallel`` wrapper that runs ``model`` (found during its forward).
+
+    Frameworks wrap the model in DDP where user code cannot see the wrapper; a forward pre-hook on ``model``
+    notes the DDP instance that is running it. Returns an object whose ``get()`` gives the wrapper (or None)
+    and whose ``remove()`` removes the hook.
+    """
+    import weakref
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    class _Recorder:
+        ref = None
+
+        def get(self):
+            return None if self.ref is None else self.ref()
+
+        def remove(self):
+            handle.remove()
+
+    rec = _Recorder()
+
+    def hook(module, args):
+        active = DDP._get_active_ddp_module()
+        if active is not None and active.module is module and rec.get() is not active:
+            rec.ref = weakref.ref(active)
+
+    handle = model.register_forward_pre_hook(hook)
+    return rec
 
 
 def shared_seed(seed: Optional[int]) -> Optional[int]:
@@ -226,6 +298,32 @@ def replicas_agree(tensors: List[torch.Tensor]) -> bool:
     dist.all_reduce(both, op=dist.ReduceOp.MAX)
     hi, lo = both[:2].cpu(), -both[2:].cpu()
     return bool(torch.allclose(hi, lo, rtol=1e-9, atol=1e-12))
+
+
+def check_replicas(model: nn.Module, what: str = "") -> None:
+    """Raise :class:`~torch_dendrites.StateError` if the ranks' copies of ``model``'s parameters differ.
+
+    A collective (call it on every rank, at the same point); a no-op outside a multi-process run. Parameters
+    sharded by FSDP2 are left out (each rank holds a different shard); buffers too (DDP re-broadcasts them at
+    every forward, so a difference there heals itself). The check is one all-reduce of two float64 sums.
+
+    Args:
+        model: the model (not its DDP wrapper; either works).
+        what: added to the message (where the check ran).
+    """
+    if not is_distributed():
+        return
+    from ..errors import StateError
+
+    params = [p for p in model.parameters() if not is_sharded(p)]
+    if not replicas_agree(params):
+        where = f" ({what})" if what else ""
+        raise StateError(
+            f"the model's weights differ between ranks{where}: the replicas drifted apart, so every rank now trains "
+            "a different model. Parameters added after the DDP wrapper was built are not averaged by it: after a "
+            "restructured step rebuild it (rewrap_ddp / rebuild_ddp, which the Lightning, Trainer and accelerate "
+            "integrations do), and under FSDP2 call sync_dendrite_grads(model) after every backward."
+        )
 
 
 def full_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

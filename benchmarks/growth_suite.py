@@ -265,8 +265,8 @@ def hidden_for(n_in: int, n_out: int, params: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ the sweep
-GD_GRID = [{"init_scale": s, "lr_scale": m} for s in (0.01, 0.3, 1.0, 3.0) for m in (1.0, 3.0)]
-CORR_GRID = [{"candidate_init_scale": s, "candidate_pool": p} for s in (0.3, 1.0, 3.0) for p in (1, 8)]
+GD_GRID = [{"init_scale": s, "lr_scale": m} for s in (0.01, 0.3, 1.0) for m in (1.0, 3.0)]
+CORR_GRID = [{"candidate_init_scale": s, "candidate_pool": p} for s in (0.3, 1.0) for p in (1, 4)]
 
 
 def _key(task: str, training: str, knobs: Dict[str, Any], seed: int) -> str:

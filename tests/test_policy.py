@@ -47,6 +47,14 @@ TABLE = [
         id="climbing-set-survives",
     ),
     pytest.param(
+        # Inside a trial any rise of its own best is progress, even below the thresholds (a new set's first
+        # gains are tiny); the set is kept only if it beats the old best by the thresholds.
+        dict(patience=2, trial_warmup=1, improvement_rel=0.01, max_dendrites=1),
+        [0.5, 0.5, 0.5] + [0.40, 0.401, 0.402, 0.403, 0.45, 0.52, 0.52, 0.52],
+        ["", "", G] + ["", "", "", "", "", "", "", D],
+        id="tiny-rises-keep-a-trial-going",
+    ),
+    pytest.param(
         dict(patience=2, trial_warmup=2, max_tries=2),
         [0.8, 0.7, 0.7] + [0.7, 0.7, 0.7] + [0.75, 0.7, 0.7],
         ["", "", G] + ["", "", R] + ["", "", D],
@@ -269,6 +277,7 @@ def test_policy_invariants(cfg, scores, corr):
 def _phase_best_at_end(before, cfg, score):
     """The trial's best including the step that ended it (the decided state has moved on to a new phase)."""
     smoothed = score if before.smoothed is None else cfg.smoothing * before.smoothed + (1 - cfg.smoothing) * score
-    if beats(smoothed, before.phase_best, cfg.maximize, cfg.improvement_rel, cfg.improvement_abs):
+    # inside a trial any rise of the phase's own best counts (the thresholds judge only the verdict)
+    if before.phase_best is None or (smoothed > before.phase_best if cfg.maximize else smoothed < before.phase_best):
         return smoothed
     return before.phase_best

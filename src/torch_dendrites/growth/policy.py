@@ -206,6 +206,9 @@ class GrowthPolicy:
         c = self.config
         return beats(a, b, c.maximize, c.improvement_rel, c.improvement_abs)
 
+    def _better(self, a: float, b: Optional[float]) -> bool:
+        return b is None or (a > b if self.config.maximize else a < b)
+
     def _phase_over(self, s: PolicyState) -> bool:
         """Whether the neuron phase ``s`` is in has ended (after the current epoch was counted)."""
         c = self.config
@@ -274,7 +277,11 @@ class GrowthPolicy:
             improved = self._beats(smoothed, s.best)
             if improved:
                 s = dataclasses.replace(s, best=smoothed, best_epoch=s.epoch, best_dendrites=s.dendrites)
-            if self._beats(smoothed, s.phase_best):
+            # Inside a trial any rise of the phase's own best is progress (a new set escaping its zero-gain
+            # start improves by less than the thresholds at first); the thresholds decide what is kept. Phase 0
+            # plateaus exactly like the early-stopped baseline.
+            progress = self._better(smoothed, s.phase_best) if s.trial else self._beats(smoothed, s.phase_best)
+            if progress:
                 s = dataclasses.replace(s, phase_best=smoothed, phase_since_best=0)
             else:
                 s = dataclasses.replace(s, phase_since_best=s.phase_since_best + 1)

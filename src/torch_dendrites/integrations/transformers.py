@@ -361,6 +361,9 @@ class _Pending:
         self.state = None
         self.model = None
 
+    def state_dict(self):
+        return self.state
+
     def validate_state(self, state, model=None):
         return state
 

@@ -12,6 +12,7 @@ Example:
     True
 """
 
+from ._version import __version__ as __version__
 from .config import DendriteConfig, GrowthConfig
 from .dendrites import dendrite_context, register_dendrite_type
 from .errors import (
@@ -24,9 +25,10 @@ from .errors import (
     UnsupportedModuleError,
 )
 from .growth import GrowthController, StepResult
-from .layer import DendriticLayer, LayerSpec, register_layer_type
+from .layer import DendriticLayer
 from .optim import param_groups, sync_optimizer
 from .persistence import load, save
+from .specs import LayerSpec, register_layer_type
 from .surgery import (
     Summary,
     add_dendrites,
@@ -36,8 +38,6 @@ from .surgery import (
     remove_dendrites,
     summary,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",

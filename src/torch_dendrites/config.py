@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple, Type, Union
 from torch import nn
 
 from .errors import ConfigError
+from .registry import DENDRITE_TYPES
 
 __all__ = ["DendriteConfig", "GrowthConfig"]
 
@@ -110,12 +111,9 @@ class DendriteConfig:
         _check_patterns(self.exclude, "exclude")
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise ConfigError(f"filter_fn={self.filter_fn!r} is not callable; pass fn(module, name) -> bool.")
-        # Imported here: the dendrite registry imports the config module.
-        from .dendrites import dendrite_type_names
-
-        if self.dendrite_type not in dendrite_type_names():
+        if self.dendrite_type not in DENDRITE_TYPES:
             raise ConfigError(
-                f"dendrite_type={self.dendrite_type!r} is unknown; choose one of {sorted(dendrite_type_names())}."
+                f"dendrite_type={self.dendrite_type!r} is unknown; choose one of {sorted(DENDRITE_TYPES.names())}."
             )
         if not isinstance(self.dendrite_options, dict):
             raise ConfigError(f"dendrite_options={self.dendrite_options!r} must be a dict.")

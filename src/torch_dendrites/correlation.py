@@ -149,7 +149,7 @@ def checksum(tensors: List[torch.Tensor]) -> List[float]:
         return [float(t.detach().double().sum()) + float(t.detach().double().abs().sum()) for t in tensors]
 
 
-_FIX = (
+FROZEN_FIX = (
     "build the optimizer over the trainable parameters only ([p for p in model.parameters() if p.requires_grad]) "
     "and rebuild it (or call td.sync_optimizer) at every step that returns restructured=True, so that no weight "
     "decay or momentum reaches frozen parameters"
@@ -259,7 +259,7 @@ class CandidatePhase:
         if self._sums is None:  # just resumed: these weights are the reference
             self._sums = checksum(self._frozen)
         elif self._frozen and checksum(self._frozen) != self._sums:
-            raise StateError(f"an optimizer changed parameters frozen for the candidate phase; {_FIX}.")
+            raise StateError(f"an optimizer changed parameters frozen for the candidate phase; {FROZEN_FIX}.")
 
     def scores(self) -> Dict[str, float]:
         """Each layer's best candidate score this epoch (mean |correlation| over its neurons)."""

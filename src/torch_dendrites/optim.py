@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, StateError
+from .surgery import dendritic_layers
 
 __all__ = ["DENDRITE_LR_SCALE", "param_groups", "sync_optimizer"]
 
@@ -20,16 +21,12 @@ DENDRITE_LR_SCALE = 1.0
 
 
 def _dendrite_ids(model: nn.Module) -> set:
-    from .surgery import dendritic_layers
-
     return {id(p) for layer in dendritic_layers(model).values() for p in layer.dendrite_parameters()}
 
 
 def _no_decay_ids(model: nn.Module) -> set:
     """Parameters that by convention get no weight decay: biases and norms (fewer than 2 dims) and every
     dendrite gain (output and cascade gains are per-neuron scalars, whatever their tensor shape)."""
-    from .surgery import dendritic_layers
-
     ids = {id(p) for p in model.parameters() if p.dim() < 2}
     for layer in dendritic_layers(model).values():
         for unit in layer.dendrites.units:

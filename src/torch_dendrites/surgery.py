@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from .config import DendriteConfig, name_matches
+from .dendrites import make_dendrites
 from .errors import CheckpointError, ConfigError, TargetError, UnsupportedModuleError
-from .layer import DendriticLayer, spec_for, spec_for_type, supported_types
+from .layer import DendriticLayer
+from .specs import LayerSpec, spec_for, spec_for_type, supported_types
 
 __all__ = [
     "add_dendrites",
@@ -161,6 +163,21 @@ def _explicit_name_match(paths: List[str], patterns) -> Optional[str]:
     return None
 
 
+def build_layer(
+    module: nn.Module,
+    spec: LayerSpec,
+    dendrite_type: str = "cascade",
+    activation: str = "sigmoid",
+    init_scale: float = 0.01,
+    neuron_axis: Optional[int] = None,
+    options: Optional[dict] = None,
+) -> DendriticLayer:
+    """A :class:`DendriticLayer` around ``module`` with an empty stack of ``dendrite_type`` (nothing is attached
+    to any model)."""
+    stack = make_dendrites(dendrite_type, module, spec, activation=activation, init_scale=init_scale, **(options or {}))
+    return DendriticLayer(module, spec, stack, neuron_axis=neuron_axis)
+
+
 def add_dendrites(model: nn.Module, config: Optional[DendriteConfig] = None) -> nn.Module:
     """Wrap every target layer of ``model`` in place with a :class:`DendriticLayer` holding zero dendrites.
 
@@ -282,7 +299,7 @@ def add_dendrites(model: nn.Module, config: Optional[DendriteConfig] = None) -> 
     wrappers = []
     for module, name in selected:
         spec = spec_for(module)
-        layer = DendriticLayer(
+        layer = build_layer(
             module,
             spec,
             dendrite_type=cfg.dendrite_type,

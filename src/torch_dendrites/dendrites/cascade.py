@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..correlation import CorrelationStats, candidate_tap
 from ..errors import StateError
 from .base import DendriteStack
 
@@ -168,8 +169,6 @@ class CascadeDendrites(DendriteStack):
 
     def attach_candidates(self, candidates: list) -> None:
         """Make ``candidates`` this layer's candidates: their output gains stay zero and frozen."""
-        from ..correlation import CorrelationStats
-
         for d in candidates:
             d.out_gain.requires_grad_(False)
         self.candidates = nn.ModuleList(candidates)
@@ -233,8 +232,6 @@ class CascadeDendrites(DendriteStack):
             else:  # s only feeds candidates: not returning it saves autograd work on every step
                 out = _Cascade.apply(a.unflatten(p, (k, c)), y, v, p, self.activation, False, *u)
         if len(self.candidates) and self.training and torch.is_grad_enabled():
-            from ..correlation import candidate_tap
-
             out = candidate_tap(self, out, s, p, args, kwargs)
         return out
 

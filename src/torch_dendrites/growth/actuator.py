@@ -15,9 +15,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..correlation import CandidatePhase, checksum
+from .. import distributed
+from ..correlation import FROZEN_FIX, CandidatePhase, checksum
 from ..errors import StateError
-from ..integrations import distributed
 from ..surgery import dendritic_layers
 from .policy import Action
 
@@ -254,6 +254,6 @@ class ModelActuator:
         if sums is None:
             self._unit_sums = (ws, checksum(ws))
         elif ws and checksum(ws) != sums:
-            from ..correlation import _FIX
-
-            raise StateError(f"an optimizer changed the frozen input weights of correlation-trained dendrites; {_FIX}.")
+            raise StateError(
+                f"an optimizer changed the frozen input weights of correlation-trained dendrites; {FROZEN_FIX}."
+            )

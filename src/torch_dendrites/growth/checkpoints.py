@@ -12,8 +12,10 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from .. import distributed
 from ..errors import StateError
-from ..integrations import distributed
+from ..persistence import _resolve, load, load_training_state, save
+from ..persistence.io import NoCheckpoint
 
 __all__ = ["Resumed", "RunCheckpoints"]
 
@@ -50,8 +52,6 @@ class RunCheckpoints:
         return out
 
     def save_latest(self, optimizer=None, scheduler=None, generators=None, extra=None) -> Path:
-        from ..persistence import save
-
         ctl = self.controller
         out = self._out_dir("save_latest")
         sharded = any(distributed.is_sharded(p) for p in ctl.model.parameters())
@@ -76,9 +76,6 @@ class RunCheckpoints:
         )
 
     def resume(self, make_optimizer=None, make_scheduler=None, generators: Optional[Dict[str, torch.Generator]] = None):
-        from ..persistence import _resolve, load, load_training_state
-        from ..persistence.io import NoCheckpoint
-
         ctl = self.controller
         out = self._out_dir("resume")
         try:

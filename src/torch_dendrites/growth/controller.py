@@ -23,9 +23,9 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .. import distributed
 from ..config import GrowthConfig
 from ..errors import ConfigError, ScoreError, StateError, TargetError
-from ..integrations import distributed
 from ..surgery import dendritic_layers
 from . import state as state_io
 from .actuator import ModelActuator, Snapshot
@@ -82,6 +82,10 @@ def _as_score(name: str, value: Any) -> float:
             "for divergence (lower the learning rate) before stepping again."
         )
     return value
+
+
+def _dendrite_params(model: nn.Module) -> List[nn.Parameter]:
+    return [p for layer in dendritic_layers(model).values() for p in layer.dendrite_parameters()]
 
 
 def _has_dtensor(model: nn.Module) -> bool:
@@ -141,7 +145,7 @@ class GrowthController:
                 f"GrowthConfig(mode={cfg.mode!r}) needs a model with dendritic layers; call td.add_dendrites(model) "
                 "first (or use mode='never' for a baseline without dendrites)."
             )
-        if cfg.mode != "never" and any(distributed.is_sharded(p) for p in distributed._dendrite_params(model)):
+        if cfg.mode != "never" and any(distributed.is_sharded(p) for p in _dendrite_params(model)):
             raise StateError(
                 "this model's dendrite parameters were sharded (fully_shard or tensor parallelism): FSDP's "
                 "parameter groups are fixed, so they cannot grow or shrink. Shard with td.integrations."
@@ -430,7 +434,7 @@ class GrowthController:
         keys = sorted(extras)
         reduced = distributed.all_reduce_mean([score] + [extras[k] for k in keys])
         if _has_dtensor(self.model):
-            if not distributed.replicas_agree(distributed._dendrite_params(self.model)):
+            if not distributed.replicas_agree(_dendrite_params(self.model)):
                 # FSDP2: the replicated dendrites drift apart if their gradients are not averaged.
                 raise StateError(
                     "the dendrite weights differ between ranks; call td.integrations.distributed."

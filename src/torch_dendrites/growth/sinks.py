@@ -19,6 +19,8 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List
 
+from ..persistence import save
+
 __all__ = ["BestCheckpointSink", "FigureSink", "HistorySink", "Sink", "WriterSink", "plot_history"]
 
 # The history's own columns (extra scores may not take these names). ``kept`` is 1/0 on the step that ended a
@@ -134,8 +136,6 @@ class BestCheckpointSink(Sink):
         self.out_dir = Path(out_dir)
 
     def on_best(self, controller: Any) -> None:
-        from ..persistence import save
-
         save(self.out_dir / "best", controller.model)
 
 

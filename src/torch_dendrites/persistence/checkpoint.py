@@ -20,10 +20,12 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 from torch import nn
 
+from ..dendrites.sparse import SparseDendrite
+from ..distributed import full_state_dict, is_sharded, rank, shard_like
 from ..errors import CheckpointError, ConfigError, StateError, TargetError
 from ..surgery import _RECORD, add_dendrites, dendritic_layers, remove_dendrites, set_dendrite_counts
 from . import io
-from .codec import Entry, Header, dumps, loads, pack_state, read_data, read_header, safetensors_bytes, unpack
+from .codec import Entry, Header, dumps, loads, pack_state, read_data, read_header, safetensors_bytes, sha256, unpack
 from .recipe import (
     CONTROLLER_JSON,
     CONTROLLER_WEIGHTS,
@@ -34,6 +36,7 @@ from .recipe import (
     TRAINING_WEIGHTS,
     WEIGHTS,
     Plan,
+    _physical_memory,
     build,
     plan,
     read,
@@ -150,8 +153,6 @@ def save(
         >>> fresh[0].num_dendrites
         1
     """
-    from ..integrations.distributed import full_state_dict, is_sharded, rank
-
     path = io.check_name(path)
     _check_model(model, controller)
     _check_common(optimizer, scheduler, rng, generators)
@@ -252,8 +253,6 @@ def _check_hash(read: _Read, name: str, data: Optional[bytes], digest: Optional[
     if name not in files:
         raise CheckpointError(f"{read.path / name} is not listed in the recipe; the folder was edited.")
     if data is not None:
-        from .codec import sha256
-
         digest, size = sha256(data), len(data)
     if files[name]["sha256"] != digest or files[name]["bytes"] != size:
         raise CheckpointError(
@@ -333,8 +332,6 @@ def _compare(expected: Dict[str, tuple], got: Dict[str, Entry]) -> Optional[str]
 
 def _index_bounds(p: Plan) -> Dict[str, int]:
     """State-dict key -> fan-in, for every sparse connectivity buffer (its entries must lie below it)."""
-    from ..dendrites.sparse import SparseDendrite
-
     out = {}
     for lp in p.layers.values():
         for mname, m in lp.probe.named_modules():
@@ -393,8 +390,6 @@ def _plan_training(folder: io.Folder, read: _Read, optimizer, scheduler, rng, ge
 
 def _read_data(folder: io.Folder, read: _Read) -> None:
     total = sum(t.header.data_size for t in read.files.values())
-    from .recipe import _physical_memory
-
     memory = _physical_memory()
     if memory is not None and total > memory:
         raise CheckpointError(
@@ -616,8 +611,6 @@ def load(
             _apply_controller(controller, r.controller, r, tx, model)
         if r.training is not None:
             r.training.apply(r.files[TRAINING_WEIGHTS].data, tx.add)
-        from ..integrations.distributed import shard_like
-
         # The weights go last: once copied into the model's own parameters there is no going back.
         model.load_state_dict(shard_like(r.weights, model.state_dict()), strict=True)
     except BaseException as exc:

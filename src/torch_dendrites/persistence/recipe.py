@@ -24,10 +24,13 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .._version import __version__
 from ..config import ACTIVATIONS, DendriteConfig
 from ..errors import CheckpointError, DendriteError
-from ..layer import DendriticLayer, spec_for
-from ..surgery import _RECORD, dendritic_layers
+from ..layer import DendriticLayer
+from ..registry import DENDRITE_TYPES
+from ..specs import spec_for
+from ..surgery import _RECORD, build_layer, dendritic_layers
 from .codec import canonical, sha256
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MIGRATIONS", "Plan", "build", "plan", "read", "type_name"]
@@ -83,8 +86,6 @@ def type_name(module: nn.Module) -> str:
 
 
 def _library_version() -> str:
-    from .. import __version__
-
     return __version__
 
 
@@ -290,10 +291,8 @@ def _clone(module: nn.Module, meta: bool) -> nn.Module:
 
 def effective_options(dendrite_type: str, options: dict) -> dict:
     """``options`` with every default of the dendrite type filled in (so that equal settings compare equal)."""
-    from ..dendrites import _TYPES
-
     out = {}
-    cls = _TYPES.get(dendrite_type)
+    cls = DENDRITE_TYPES.get(dendrite_type)
     if cls is not None:
         for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
             if p.default is not inspect.Parameter.empty and p.name not in ("activation", "init_scale"):
@@ -508,7 +507,7 @@ def _build(lp: LayerPlan, config: DendriteConfig, meta: bool) -> Tuple[Dendritic
     e = lp.entry
     # Real builds draw from a private generator: planning leaves the global random state alone.
     gen = None if meta else torch.Generator().manual_seed(0)
-    probe = DendriticLayer(
+    probe = build_layer(
         _clone(lp.base, meta),
         lp.spec,
         dendrite_type=e["dendrite_type"],

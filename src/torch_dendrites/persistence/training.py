@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from ..distributed import is_sharded, shard_like
 from ..errors import CheckpointError
 from .codec import Entry, Packer, unpack
 
@@ -139,8 +140,6 @@ def check_best(state: dict, entries: Dict[str, Entry], counts_bound: Dict[str, i
 # ---------------------------------------------------------------------- training: writing
 def encode_training(optimizer, scheduler, rng: bool, generators, extra, save_id: str):
     """The training document and its tensors (FSDP2 optimizer states gathered whole: every rank takes part)."""
-    from ..integrations.distributed import is_sharded
-
     packer = Packer()
     doc: Dict[str, Any] = {"format": TRAINING_FORMAT, "save_id": save_id}
     if optimizer is not None:
@@ -477,8 +476,6 @@ class Training:
             raise CheckpointError(f"{self.where}: {what} is not a state of a {device.type} generator.") from None
 
     def _apply_optimizer(self, opt: dict, add_undo: Callable[[Undo], None]) -> None:
-        from ..integrations.distributed import is_sharded, shard_like
-
         optimizer = self.optimizer
         groups = self._optimizer_groups(opt)
         params = dict(

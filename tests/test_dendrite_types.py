@@ -13,11 +13,7 @@ from models import CASES, CUSTOM_CASES
 
 import torch_dendrites as td
 from torch_dendrites.dendrites import (
-    CascadeDendrites,
     GatedDendrites,
-    LowRankDendrites,
-    SparseDendrites,
-    SparseLinearDendrites,
     dendrite_type_names,
 )
 
@@ -279,13 +275,18 @@ def test_types_that_build_their_own_weights_serve_any_layer_whose_spec_gives_the
 
 
 def test_only_cascade_supports_correlation_training():
-    assert CascadeDendrites.supports_correlation is True
-    for cls in (LowRankDendrites, SparseDendrites, SparseLinearDendrites, GatedDendrites):
-        assert cls.supports_correlation is False
+    from torch_dendrites.correlation import holds_candidates
+
+    stacks = {}
+    for dtype in ("cascade", "lowrank", "sparse", "sparse_linear", "gated"):
+        model, _ = build("mlp")
+        td.add_dendrites(model, config(dtype) if dtype != "cascade" else None)
+        stacks[dtype] = model.fc1.dendrites
+    assert [d for d, s in stacks.items() if holds_candidates(s)] == ["cascade"]
     model, _ = build("mlp")
     td.add_dendrites(model, config("lowrank"))
-    with pytest.raises(td.StateError, match="dendrite_training='gd'"):
-        model.fc1.dendrites.add_candidates(1)
+    with pytest.raises(td.ConfigError, match="lowrank"):
+        td.GrowthController(model, td.GrowthConfig(dendrite_training="correlation"))
 
 
 @pytest.mark.parametrize("dtype", sorted(OPTIONS))

@@ -17,14 +17,22 @@ gains are zero and frozen), so the model's function is unchanged; their gradient
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
 
 from .errors import StateError
 
-__all__ = ["CandidatePhase", "CorrelationStats", "candidate_tap", "checksum"]
+__all__ = [
+    "CandidateHolder",
+    "CandidatePhase",
+    "CorrelationStats",
+    "candidate_tap",
+    "candidates_of",
+    "checksum",
+    "holds_candidates",
+]
 
 
 def _channel_sum(t: torch.Tensor, c_axis: int) -> torch.Tensor:
@@ -36,6 +44,39 @@ def _pair_sum(t: torch.Tensor, p: int) -> torch.Tensor:
     """Reduce ``[..., P, C, ...]`` (candidate axis ``p``) to ``[P, C]``."""
     dims = [d for d in range(t.dim()) if d not in (p, p + 1)]
     return t.sum(dims) if dims else t
+
+
+@runtime_checkable
+class CandidateHolder(Protocol):
+    """What a dendrite stack implements to take part in correlation training (the cascade type does).
+
+    ``candidates`` holds the candidates of a phase in progress (empty otherwise) and ``correlation`` their
+    :class:`CorrelationStats`; candidates are built apart from attaching them (``new_candidates`` then
+    ``attach_candidates``), so that a whole model's candidates can be built before any layer changes.
+    """
+
+    candidates: nn.ModuleList
+    correlation: Optional[CorrelationStats]
+
+    def new_candidates(self, n: int, generator=None, index=None, scale=None) -> list: ...
+
+    def attach_candidates(self, candidates: list) -> None: ...
+
+    def add_candidates(self, n: int, generator=None, scale=None) -> None: ...
+
+    def install_candidate(self, index: int) -> int: ...
+
+    def clear_candidates(self) -> None: ...
+
+
+def holds_candidates(stack: Any) -> bool:
+    """Whether a dendrite stack implements :class:`CandidateHolder`."""
+    return isinstance(stack, CandidateHolder)
+
+
+def candidates_of(stack: Any) -> Sequence[nn.Module]:
+    """The candidates a stack holds now (none for types without correlation training)."""
+    return stack.candidates if holds_candidates(stack) else ()
 
 
 class CorrelationStats:
@@ -205,7 +246,7 @@ class CandidatePhase:
 
     @property
     def active(self) -> bool:
-        return any(len(layer.dendrites.candidates) for layer in self.layers.values())
+        return any(len(candidates_of(layer.dendrites)) for layer in self.layers.values())
 
     # ------------------------------------------------------------------ phase
     def build(self, pool: int, generator: Optional[torch.Generator], scale: Optional[float], counts: Dict[str, int]):

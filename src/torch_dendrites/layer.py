@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .correlation import candidates_of
 from .errors import StateError, UnsupportedModuleError
 from .specs import LayerSpec
 
@@ -62,7 +63,7 @@ class DendriticLayer(nn.Module):
         if not self._spec_checked:
             self._try_spec(y, args, kwargs)
         d = self.dendrites
-        if d.num_dendrites == 0 and not len(getattr(d, "candidates", ())):
+        if d.num_dendrites == 0 and not len(candidates_of(d)):
             return y
         return self.dendrites(y, self.neuron_axis, *args, **kwargs)
 

@@ -1,12 +1,13 @@
 """Dendrite types behind one small interface, with a registry from name to class.
 
-A dendrite type is an ``nn.Module`` built as ``cls(base, spec, activation=..., init_scale=..., **options)``
-(``options`` are ``DendriteConfig.dendrite_options``, passed as keyword arguments) that exposes
-``num_dendrites``, ``num_neurons``, ``units`` (an ``nn.ModuleList``, one entry per dendrite),
-``grow(generator) -> int`` (parameters added; every random draw from ``generator``), ``truncate(k)`` and
-``forward(y, neuron_axis, *layer_args, **layer_kwargs) -> y'``, adds nothing to ``y`` right after ``grow``,
-and sets the class attribute ``supports_correlation`` (whether the growth controller's correlation
-training can drive it).
+A dendrite type is a :class:`DendriteStack` subclass built as ``cls(base, spec, activation=..., init_scale=...,
+**options)`` (``options`` are ``DendriteConfig.dendrite_options``, passed as keyword arguments). The base class
+keeps ``units`` (an ``nn.ModuleList``, one entry per dendrite), ``num_dendrites``, ``num_neurons``, ``grow`` and
+``truncate``; a type implements ``new_unit(generator, index) -> nn.Module`` (one dendrite for every neuron, not
+yet attached, adding nothing to the output; every random draw from ``generator``) and
+``forward(y, neuron_axis, *layer_args, **layer_kwargs) -> y'``. A type that can be correlation-trained also
+implements :class:`torch_dendrites.correlation.CandidateHolder`. Register new types with
+:func:`register_dendrite_type`.
 
 Built-in types:
 

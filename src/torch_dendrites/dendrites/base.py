@@ -1,9 +1,9 @@
 """What the dendrite types share: the bookkeeping of the dendrite-type interface.
 
 :class:`DendriteStack` holds the wrapped layer (without adopting it as a child), the installed dendrites
-(``units``), and the parts of the interface that only cascade dendrites use for correlation training
-(``candidates`` stays empty and ``add_candidates`` refuses, unless the type overrides them as the cascade
-does). Subclasses implement ``grow`` and ``forward``.
+(``units``) and what every type needs around them. Correlation training is an optional capability: a type
+takes part by implementing :class:`torch_dendrites.correlation.CandidateHolder` (as the cascade
+does). Subclasses implement ``new_unit`` and ``forward``.
 """
 
 from __future__ import annotations
@@ -53,9 +53,6 @@ class DendriteStack(nn.Module):
     """
 
     type_name = "?"
-    # The growth controller's correlation training (Cascade-Correlation candidates) is implemented for
-    # cascade dendrites only; it checks this flag and refuses other types.
-    supports_correlation = False
 
     def __init__(self, base: nn.Module, spec, activation: str = "sigmoid", init_scale: float = 0.01):
         super().__init__()
@@ -66,9 +63,6 @@ class DendriteStack(nn.Module):
         self.init_scale = float(init_scale)
         self.num_neurons = spec.num_neurons(base)
         self.units = nn.ModuleList()
-        # Kept empty: code that handles correlation candidates of any layer reads these two attributes.
-        self.candidates = nn.ModuleList()
-        self.correlation = None
 
     @property
     def num_dendrites(self) -> int:
@@ -98,16 +92,6 @@ class DendriteStack(nn.Module):
     def truncate(self, k: int) -> None:
         while len(self.units) > k:
             del self.units[len(self.units) - 1]
-
-    def add_candidates(self, n: int, generator: Optional[torch.Generator] = None) -> None:
-        raise StateError(
-            f"correlation-trained candidates exist only for dendrite_type='cascade', not {self.type_name!r}; "
-            "use GrowthConfig(dendrite_training='gd') with this dendrite type."
-        )
-
-    def clear_candidates(self) -> None:
-        self.candidates = nn.ModuleList()
-        self.correlation = None
 
     def _check_axis(self, y: torch.Tensor, neuron_axis: int) -> int:
         p = neuron_axis % y.dim()

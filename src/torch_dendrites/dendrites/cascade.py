@@ -142,15 +142,15 @@ class CascadeDendrites(DendriteStack):
     """
 
     type_name = "cascade"
-    # The growth controller's correlation training (candidates) drives this type only.
-    supports_correlation = True
     # Dendrites run through the layer spec's batched_forward (a new spec is tried once, see LayerSpec.trusted).
     uses_layer_spec = True
 
     def __init__(self, base: nn.Module, spec, activation: str = "sigmoid", init_scale: float = 0.01):
         super().__init__(base, spec, activation=activation, init_scale=init_scale)
         self.param_names = spec.param_names(base)
-        # self.candidates / self.correlation (CorrelationStats) are filled during a candidate phase
+        # The correlation.CandidateHolder protocol: filled during a candidate phase, empty otherwise.
+        self.candidates = nn.ModuleList()
+        self.correlation: Optional[CorrelationStats] = None
 
     def new_unit(
         self, generator: Optional[torch.Generator] = None, index: Optional[int] = None, scale: Optional[float] = None
@@ -178,6 +178,10 @@ class CascadeDendrites(DendriteStack):
     def add_candidates(self, n: int, generator: Optional[torch.Generator] = None, scale=None) -> None:
         """Add ``n`` candidates (each wired to every installed dendrite); their output gains stay zero."""
         self.attach_candidates(list(self.candidates) + self.new_candidates(n, generator, scale=scale))
+
+    def clear_candidates(self) -> None:
+        self.candidates = nn.ModuleList()
+        self.correlation = None
 
     def install_candidate(self, index: int) -> int:
         """Make candidate ``index`` a dendrite: input weights frozen, output gain trainable. Returns its size."""

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..correlation import FROZEN_FIX, CandidatePhase, checksum
+from ..correlation import FROZEN_FIX, CandidatePhase, candidates_of, checksum
 from ..errors import StateError
 from ..surgery import dendritic_layers
 from .policy import Action
@@ -108,7 +108,9 @@ class ModelActuator:
 
     def parameters_now(self) -> int:
         """The model's parameters, without correlation candidates (scaffolding, not part of any architecture)."""
-        cand = {id(p) for layer in self.layers().values() for c in layer.dendrites.candidates for p in c.parameters()}
+        cand = {
+            id(p) for layer in self.layers().values() for c in candidates_of(layer.dendrites) for p in c.parameters()
+        }
         return sum(p.numel() for p in self.model.parameters() if id(p) not in cand)
 
     def candidate_scores(self) -> Dict[str, float]:

@@ -25,6 +25,7 @@ from torch import nn
 
 from .. import distributed
 from ..config import GrowthConfig
+from ..correlation import candidates_of, holds_candidates
 from ..errors import ConfigError, ScoreError, StateError, TargetError
 from ..surgery import dendritic_layers
 from . import state as state_io
@@ -153,7 +154,7 @@ class GrowthController:
                 "replicated, or shard a model whose structure is final (mode='never')."
             )
         if cfg.dendrite_training == "correlation":
-            unable = sorted({la.dendrite_type for la in layers.values() if not la.dendrites.supports_correlation})
+            unable = sorted({la.dendrite_type for la in layers.values() if not holds_candidates(la.dendrites)})
             if unable:
                 raise ConfigError(
                     f"dendrite_training='correlation' needs dendrites that can hold candidates; dendrite_type "
@@ -305,7 +306,7 @@ class GrowthController:
         strangers += [n for n in phase["norm_momenta"] if n not in norms]
         if strangers:
             raise StateError(f"controller state: candidate_phase names {strangers[:4]}, which the model does not have.")
-        if policy.phase == Phase.CANDIDATE and not any(len(la.dendrites.candidates) for la in layers.values()):
+        if policy.phase == Phase.CANDIDATE and not any(len(candidates_of(la.dendrites)) for la in layers.values()):
             raise StateError(
                 "this controller state is in a candidate phase but the model has no candidates; load the model "
                 "and the controller together with td.load(path, model, controller)."

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..config import DendriteConfig
+from ..correlation import candidates_of
 from ..errors import StateError
 from ..layer import DendriticLayer
 from ..surgery import _RECORD, MISSING, add_dendrites, dendritic_layers, remove_dendrites
@@ -102,7 +103,7 @@ def _merge_plan(model: nn.Module):
                     f"'{path}': merge_and_unload moves cascade dendrites onto the merged layer; these are "
                     f"{lora_b.dendrite_type!r}. Keep the peft model, or td.remove_dendrites(model) first."
                 )
-            if len(lora_b.dendrites.candidates):
+            if len(candidates_of(lora_b.dendrites)):
                 raise StateError(f"'{path}' is in a correlation candidate phase; finish training before merging.")
             entry["dendrites"] = lora_b
             for u in lora_b.dendrites.units:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 from torch import nn
 
+from ..correlation import holds_candidates
 from ..dendrites.sparse import SparseDendrite
 from ..distributed import full_state_dict, is_sharded, rank, shard_like
 from ..errors import CheckpointError, ConfigError, StateError, TargetError
@@ -471,14 +472,20 @@ def _apply_structure(model: nn.Module, read: _Read, tx: _Transaction) -> None:
             layer.dendrites.init_scale = float(e["init_scale"])
     # Every undo is registered before its step runs, so a step failing half-way (out of memory) is undone.
     before = {
-        name: (layer.dendrites, list(layer.dendrites.units), layer.dendrites.candidates, layer.dendrites.correlation)
+        name: (
+            layer.dendrites,
+            list(layer.dendrites.units),
+            getattr(layer.dendrites, "candidates", None),
+            getattr(layer.dendrites, "correlation", None),
+        )
         for name, layer in layers.items()
     }
 
     def undo_units():
         for d, units, candidates, correlation in before.values():
             d.units = nn.ModuleList(units)
-            d.candidates, d.correlation = candidates, correlation
+            if holds_candidates(d):
+                d.candidates, d.correlation = candidates, correlation
 
     tx.add(undo_units)
     # The placeholder dendrites are overwritten by the saved weights: drawn from a private generator so
@@ -486,6 +493,8 @@ def _apply_structure(model: nn.Module, read: _Read, tx: _Transaction) -> None:
     scratch = torch.Generator().manual_seed(0)
     set_dendrite_counts(model, {name: lp.entry["num_dendrites"] for name, lp in p.layers.items()}, scratch)
     for name, layer in layers.items():
+        if not holds_candidates(layer.dendrites):
+            continue  # the plan refused candidates for such types
         layer.dendrites.clear_candidates()
         if p.layers[name].entry["candidates"]:
             layer.dendrites.add_candidates(p.layers[name].entry["candidates"], scratch)

@@ -26,6 +26,7 @@ from torch import nn
 
 from .._version import __version__
 from ..config import ACTIVATIONS, DendriteConfig
+from ..correlation import candidates_of, holds_candidates
 from ..errors import CheckpointError, DendriteError
 from ..layer import DendriticLayer
 from ..registry import DENDRITE_TYPES
@@ -107,7 +108,7 @@ def build(model: nn.Module, save_id: str, aliases: Dict[str, str], files: Dict[s
                 "init_scale": float(getattr(d, "init_scale", 0.01)),
                 # correlation-trained dendrites keep frozen input weights; candidates of a phase in progress
                 "correlation_units": [i for i, u in enumerate(d.units) if getattr(u, "correlation_trained", False)],
-                "candidates": len(getattr(d, "candidates", ())),
+                "candidates": len(candidates_of(d)),
             }
         )
     recipe = {
@@ -336,7 +337,8 @@ class Plan:
         (what a controller's best-weight snapshot holds). Cuts the probes down: call it last."""
         out = dict(self.outside)
         for name, lp in self.layers.items():
-            lp.probe.dendrites.clear_candidates()
+            if holds_candidates(lp.probe.dendrites):
+                lp.probe.dendrites.clear_candidates()
             lp.probe.truncate(counts.get(name, 0))
             out.update(_layer_shapes(lp))
         return out
@@ -525,5 +527,10 @@ def _build(lp: LayerPlan, config: DendriteConfig, meta: bool) -> Tuple[Dendritic
         one = _nbytes(probe.dendrites.state_dict()) - before
         probe.truncate(e["num_dendrites"])
     if e["candidates"]:
+        if not holds_candidates(probe.dendrites):
+            raise CheckpointError(
+                f"saved layer '{e['path']}' claims {e['candidates']} correlation candidates, but dendrite_type "
+                f"{e['dendrite_type']!r} cannot hold candidates; the recipe was edited or corrupted."
+            )
         probe.dendrites.add_candidates(e["candidates"], gen)
     return probe, one

@@ -13,6 +13,7 @@ Example:
 """
 
 from .config import DendriteConfig, GrowthConfig
+from .context import TaskPrototypes
 from .dendrites import dendrite_context, register_dendrite_type
 from .errors import (
     CheckpointError,
@@ -24,6 +25,7 @@ from .errors import (
     UnsupportedModuleError,
 )
 from .growth import GrowthController, StepResult
+from .kwta import KWTA
 from .layer import DendriticLayer, LayerSpec, register_layer_type
 from .optim import sync_optimizer
 from .persistence import load, save
@@ -39,12 +41,14 @@ __all__ = [
     "DendriticLayer",
     "GrowthConfig",
     "GrowthController",
+    "KWTA",
     "LayerSpec",
     "ScoreError",
     "StateError",
     "StepResult",
     "Summary",
     "TargetError",
+    "TaskPrototypes",
     "UnsupportedModuleError",
     "add_dendrites",
     "dendrite_context",

@@ -4,7 +4,8 @@ A dendrite type is an ``nn.Module`` built as ``cls(base, spec, activation=..., i
 (``options`` are ``DendriteConfig.dendrite_options``, passed as keyword arguments) that exposes
 ``num_dendrites``, ``num_neurons``, ``units`` (an ``nn.ModuleList``, one entry per dendrite),
 ``grow(generator) -> int`` (parameters added; every random draw from ``generator``), ``truncate(k)`` and
-``forward(y, neuron_axis, *layer_args, **layer_kwargs) -> y'``, adds nothing to ``y`` right after ``grow``,
+``forward(y, neuron_axis, *layer_args, **layer_kwargs) -> y'``, adds nothing to ``y`` right after ``grow``
+(unless an option says otherwise, as ``gated``'s ``first_gate="full"`` does for its first gate),
 and sets the class attribute ``supports_correlation`` (whether the growth controller's correlation
 training can drive it).
 

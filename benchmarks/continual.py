@@ -34,14 +34,13 @@ Arms (784-H-H-10, k-WTA keeps 5 % of each hidden layer, else ReLU):
   context, so they test whether added dendritic capacity alone protects against forgetting).
 
 Learning rate: chosen per arm and per task count by validation accuracy (mean over tasks after the last) of a
-search seed that is not among the reported seeds, on the grid of ``tuning.search_lr`` (extended while the best
+search seed that is not among the reported seeds, on the grid of ``experiment.search_lr`` (extended while the best
 is at an edge). "beats" follows ``stats.compare`` (difference of means beyond two standard errors).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -56,7 +55,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(HERE))
 import stats  # noqa: E402
-import tuning  # noqa: E402
+from experiment import RunLog, search_lr  # noqa: E402
 
 import torch_dendrites as td  # noqa: E402
 
@@ -300,33 +299,7 @@ def run(arm: Arm, s: Setting, data, seed: int, lr: float, test: bool) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ driver
-class Log:
-    """The raw runs, written to JSON after every run (``--resume`` picks them up)."""
-
-    def __init__(self, path: Path, resume: bool, meta: dict):
-        self.path = path
-        self.doc = {"meta": meta, "runs": []}
-        if resume and path.exists():
-            self.doc["runs"] = json.loads(path.read_text())["runs"]
-
-    def find(self, **key):
-        for r in self.doc["runs"]:
-            if all(r.get(k) == v for k, v in key.items()):
-                return r
-        return None
-
-    def add(self, row: dict) -> None:
-        self.doc["runs"].append(row)
-        self.save()
-
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.doc, indent=1))
-        tmp.replace(self.path)
-
-
-def experiment(s: Setting, data, seeds: int, log: Log, only: Optional[List[str]] = None) -> Dict[str, dict]:
+def experiment(s: Setting, data, seeds: int, log: RunLog, only: Optional[List[str]] = None) -> Dict[str, dict]:
     arms = arms_for(s)
     if only:
         arms = {k: v for k, v in arms.items() if k in only}
@@ -335,23 +308,20 @@ def experiment(s: Setting, data, seeds: int, log: Log, only: Optional[List[str]]
 
         def score(lr, name=name, arm=arm):
             key = {"tasks": s.tasks, "phase": "search", "arm": name, "seed": SEARCH_SEED, "lr": lr}
-            row = log.find(**key)
-            if row is None:
-                row = {**key, **run(arm, s, data, SEARCH_SEED, lr, test=False)}
-                log.add(row)
+            row, new = log.run_once(key, run, arm, s, data, SEARCH_SEED, lr, test=False)
+            if new:
                 print(f"{s.tasks:3d} tasks  search {name:18s} lr {lr:g}: val {row['val']:.2f} ({row['wall_s']:.0f} s)",
                       flush=True)  # fmt: skip
             return row["val"]
 
-        lr, tried, at_edge = tuning.search_lr(score, s.lr_grid, s.max_extend)
+        lr, tried, at_edge = search_lr(score, s.lr_grid, s.max_extend)
         chosen[name] = {"lr": lr, "tried": tried, "at_edge": at_edge}
     for seed in range(seeds):
         for name, arm in arms.items():
             lr = chosen[name]["lr"]
             key = {"tasks": s.tasks, "phase": "final", "arm": name, "seed": seed, "lr": lr}
-            if log.find(**key) is None:
-                row = {**key, **run(arm, s, data, seed, lr, test=True)}
-                log.add(row)
+            row, new = log.run_once(key, run, arm, s, data, seed, lr, test=True)
+            if new:
                 print(f"{s.tasks:3d} tasks  seed {seed} {name:18s} lr {lr:g}: test {row['test']:.2f} "
                       f"({row['params']:,} params, {row['wall_s']:.0f} s)", flush=True)  # fmt: skip
     return {"arms": arms, "chosen": chosen}
@@ -518,7 +488,7 @@ def main(argv=None):
     command = "python benchmarks/continual.py " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": command.strip(), "torch": torch.__version__, "threads": args.threads,
             "seeds": list(range(args.seeds)), "settings": {t: asdict(s) for t, s in settings.items()}}  # fmt: skip
-    log = Log(args.out / "continual.json", args.resume, meta)
+    log = RunLog(args.out / "continual.json", args.resume, meta)
     start = time.time()
     data = pools(args.quick)
     done = {}

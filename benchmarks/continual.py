@@ -332,6 +332,7 @@ PAIRS = [
     ("dendrites+kwta", "kwta-wide", "parameter-matched"),
     ("dendrites+kwta", "kwta-wide+context", "parameter- and information-matched"),
     ("dendrites+kwta", "kwta", "same base, no context"),
+    ("dendrites+kwta", "mlp", "the plain ReLU net, no context, its own tuned lr"),
     ("kwta-wide+context", "kwta-wide", "what the context buys as plain input"),
     ("dendrites", "mlp", "paper's 'dendrites only' row"),
     ("kwta", "mlp", "paper's 'kWTA only' row"),
@@ -467,7 +468,8 @@ def main(argv=None):
     ap.add_argument("--train-per-task", type=int, default=None, help="override the training images per task")
     ap.add_argument("--epochs", type=int, default=None, help="override the epochs per task")
     ap.add_argument("--out", type=Path, default=HERE / "results")
-    ap.add_argument("--resume", action="store_true", help="skip the runs already in <out>/continual.json")
+    ap.add_argument("--name", default="continual", help="base name of the result files (default: continual)")
+    ap.add_argument("--resume", action="store_true", help="skip the runs already in <out>/<name>.json")
     # One torch thread: on 2 shared cores two OpenMP threads competing with other jobs can be far slower.
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -488,7 +490,7 @@ def main(argv=None):
     command = "python benchmarks/continual.py " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": command.strip(), "torch": torch.__version__, "threads": args.threads,
             "seeds": list(range(args.seeds)), "settings": {t: asdict(s) for t, s in settings.items()}}  # fmt: skip
-    log = RunLog(args.out / "continual.json", args.resume, meta)
+    log = RunLog(args.out / f"{args.name}.json", args.resume, meta)
     start = time.time()
     data = pools(args.quick)
     done = {}
@@ -503,9 +505,9 @@ def main(argv=None):
     }
     log.doc["meta"] = meta
     log.save()
-    (args.out / "continual.md").write_text("\n".join(md) + "\n")
-    figure(done, log.doc["runs"], args.out / "continual.png")
-    print(f"wrote {args.out / 'continual.md'}, continual.png and continual.json in {meta['wall_min']:.1f} min")
+    (args.out / f"{args.name}.md").write_text("\n".join(md) + "\n")
+    figure(done, log.doc["runs"], args.out / f"{args.name}.png")
+    print(f"wrote {args.out / args.name}.md, .png and .json in {meta['wall_min']:.1f} min")
     return done, log.doc
 
 

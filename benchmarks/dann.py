@@ -301,7 +301,11 @@ def report(s: Setting, res: dict, rows: List[dict], meta: dict) -> List[str]:
                 f"{tried}{' (edge)' if c['at_edge'] else ''} | {stats.mean_sd(r['wall_s'] for r in rs)[0]:.0f} |"
             )
         cols = [("test", "clean")] + [(f"test_noise_{sg:g}", f"σ={sg:g}") for sg in s.noise]
+        # A best score at the final epoch means the run was still improving when the budget ended.
+        last = sum(r["best_epoch"] == len(r["val_curve"]) for r in final)
         md += [
+            "",
+            f"{last} of {len(final)} reported runs had their best validation accuracy at the last epoch.",
             "",
             "lr: best validation accuracy (%) of the search seed per value tried; * = chosen; (edge) = the best was "
             "still at the end of the ladder searched.",

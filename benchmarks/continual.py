@@ -1,8 +1,9 @@
 """Continual learning on permuted MNIST: active dendrites + k-WTA (Iyer et al. 2022) against parameter- and
 information-matched controls.
 
-Run: ``.venv/bin/python benchmarks/continual.py --seeds 3`` (10 and 25 tasks; about 30 minutes on one quiet
-CPU core); ``--quick`` runs every arm on tiny synthetic tasks in seconds (a smoke test, not a result). Results:
+Run: ``.venv/bin/python benchmarks/continual.py --seeds 3`` (10 and 25 tasks, one thread: 34.5 minutes of runs
+on the shared 2-core machine while other jobs kept it loaded; the 10-task half took 6 minutes nearly quiet);
+``--quick`` runs every arm on tiny synthetic tasks in seconds (a smoke test, not a result). Results:
 ``benchmarks/results/continual.md``, ``continual.png`` and the raw runs ``continual.json`` (``--out`` elsewhere).
 ``--resume`` skips runs already in the JSON file.
 

@@ -1,8 +1,9 @@
 """Class-ordered Fashion-MNIST: dANN (the library's ``sparse`` dendrites, Chavlis & Poirazi 2025) against the
 dense network of the same widths and a 784-h-10 MLP with the same trainable parameters, with noise robustness.
 
-Run: ``.venv/bin/python benchmarks/dann.py --seeds 3`` (about 20 minutes on one quiet CPU core); ``--quick``
-runs every arm on tiny synthetic data in seconds (a smoke test, not a result). Results:
+Run: ``.venv/bin/python benchmarks/dann.py --seeds 3`` (one thread: 32.4 minutes of runs on the shared 2-core
+machine while other jobs kept it loaded); ``--quick`` runs every arm on tiny synthetic data in seconds (a smoke
+test, not a result). Results:
 ``benchmarks/results/dann.md``, ``dann.png`` and the raw runs ``dann.json`` (``--out`` elsewhere);
 ``--resume`` skips runs already in the JSON file.
 

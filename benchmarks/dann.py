@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -225,7 +226,8 @@ def run(arm: Arm, s: Setting, data, order: str, seed: int, lr: float, test: bool
     return res
 
 
-def experiment(s: Setting, data, seeds: int, log: RunLog, orders, only=None) -> dict:
+def experiment(s: Setting, data, seeds: int, log: RunLog, orders, only=None, reuse=None) -> dict:
+    """Search every arm's learning rate (or take it from ``reuse``, ``{(order, arm): chosen}``), then run the seeds."""
     arms = arms_for(s)
     if only:
         arms = {k: v for k, v in arms.items() if k in only}
@@ -241,6 +243,9 @@ def experiment(s: Setting, data, seeds: int, log: RunLog, orders, only=None) -> 
                           flush=True)  # fmt: skip
                 return row["val"]
 
+            if reuse is not None:
+                chosen[(order, name)] = reuse[(order, name)]
+                continue
             lr, tried, at_edge = search_lr(score, s.lr_grid, s.max_extend)
             chosen[(order, name)] = {"lr": lr, "tried": tried, "at_edge": at_edge}
         for seed in range(seeds):
@@ -271,7 +276,13 @@ def report(s: Setting, res: dict, rows: List[dict], meta: dict) -> List[str]:
     md += [
         f"Command: `{meta['command']}`. Runs took {meta['run_min']:.1f} min in all (search and reported seeds; "
         f"this invocation {meta['wall_min']:.1f} min) on torch {meta['torch']}, {meta['threads']} thread(s); "
-        f"reported seeds {meta['seeds']}, learning rates searched on seed {SEARCH_SEED}. {s.epochs} epochs, "
+        f"reported seeds {meta['seeds']}, learning rates "
+        + (
+            f"taken from `{meta['lrs_from']}` (searched there)"
+            if meta.get("lrs_from")
+            else f"searched on seed {SEARCH_SEED}"
+        )
+        + f". {s.epochs} epochs, "
         f"Adam, batch {s.batch}; score: test accuracy at the best-validation epoch. Protocol and arms: the "
         "docstring of `benchmarks/dann.py`.",
         "",
@@ -377,7 +388,12 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=None, help="override the epoch budget")
     ap.add_argument("--quick", action="store_true", help="synthetic data, tiny sizes: a smoke run, not a result")
     ap.add_argument("--out", type=Path, default=HERE / "results")
-    ap.add_argument("--resume", action="store_true", help="skip the runs already in <out>/dann.json")
+    ap.add_argument("--name", default="dann", help="base name of the result files (default: dann)")
+    ap.add_argument("--resume", action="store_true", help="skip the runs already in <out>/<name>.json")
+    ap.add_argument(
+        "--lrs-from", type=Path, default=None,
+        help="take every arm's learning rate from this earlier result JSON instead of searching (a sensitivity run)",
+    )  # fmt: skip
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -387,10 +403,19 @@ def main(argv=None):
     command = "python benchmarks/dann.py " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": command.strip(), "torch": torch.__version__, "threads": args.threads,
             "seeds": list(range(args.seeds)), "setting": asdict(s)}  # fmt: skip
-    log = RunLog(args.out / "dann.json", args.resume, meta)
+    log = RunLog(args.out / f"{args.name}.json", args.resume, meta)
     start = time.time()
     data = fashion(args.quick)
-    res = experiment(s, data, args.seeds, log, args.orders, args.arms)
+    reuse = None
+    if args.lrs_from is not None:
+        saved = json.loads(args.lrs_from.read_text())["meta"]["chosen_lr"]
+        reuse = {
+            tuple(k.split("/", 1)): {**c, "tried": {float(lr): v for lr, v in c["tried"].items()}}
+            for k, c in saved.items()
+        }
+        src = args.lrs_from.resolve()
+        meta["lrs_from"] = str(src.relative_to(ROOT) if src.is_relative_to(ROOT) else src)
+    res = experiment(s, data, args.seeds, log, args.orders, args.arms, reuse)
     meta["wall_min"] = (time.time() - start) / 60
     meta["run_min"] = sum(r["wall_s"] for r in log.doc["runs"]) / 60
     md = report(s, res, log.doc["runs"], meta)
@@ -399,9 +424,9 @@ def main(argv=None):
     }
     log.doc["meta"] = meta
     log.save()
-    (args.out / "dann.md").write_text("\n".join(md) + "\n")
-    figure(s, res, log.doc["runs"], args.out / "dann.png")
-    print(f"wrote {args.out / 'dann.md'}, dann.png and dann.json in {meta['wall_min']:.1f} min")
+    (args.out / f"{args.name}.md").write_text("\n".join(md) + "\n")
+    figure(s, res, log.doc["runs"], args.out / f"{args.name}.png")
+    print(f"wrote {args.out / args.name}.md, .png and .json in {meta['wall_min']:.1f} min")
     return res, log.doc
 
 

@@ -468,6 +468,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="synthetic data, tiny sizes: a smoke run, not a result")
     ap.add_argument("--train-per-task", type=int, default=None, help="override the training images per task")
     ap.add_argument("--epochs", type=int, default=None, help="override the epochs per task")
+    ap.add_argument("--max-extend", type=int, default=None, help="override how far the lr search may go past an edge")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--name", default="continual", help="base name of the result files (default: continual)")
     ap.add_argument("--resume", action="store_true", help="skip the runs already in <out>/<name>.json")
@@ -487,6 +488,8 @@ def main(argv=None):
             s = replace(s, train_per_task=args.train_per_task)
         if args.epochs:
             s = replace(s, epochs=args.epochs)
+        if args.max_extend is not None:
+            s = replace(s, max_extend=args.max_extend)
         settings[t] = s
     command = "python benchmarks/continual.py " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": command.strip(), "torch": torch.__version__, "threads": args.threads,

@@ -386,6 +386,7 @@ def main(argv=None):
     ap.add_argument("--orders", nargs="+", default=list(ORDERS), choices=ORDERS)
     ap.add_argument("--arms", nargs="+", default=None, help="run only these arms")
     ap.add_argument("--epochs", type=int, default=None, help="override the epoch budget")
+    ap.add_argument("--max-extend", type=int, default=None, help="override how far the lr search may go past an edge")
     ap.add_argument("--quick", action="store_true", help="synthetic data, tiny sizes: a smoke run, not a result")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--name", default="dann", help="base name of the result files (default: dann)")
@@ -400,6 +401,8 @@ def main(argv=None):
     s = QUICK if args.quick else FULL
     if args.epochs:
         s = replace(s, epochs=args.epochs)
+    if args.max_extend is not None:
+        s = replace(s, max_extend=args.max_extend)
     command = "python benchmarks/dann.py " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": command.strip(), "torch": torch.__version__, "threads": args.threads,
             "seeds": list(range(args.seeds)), "setting": asdict(s)}  # fmt: skip

@@ -502,7 +502,18 @@ def main(argv=None):
         done[t] = {"setting": s, **experiment(s, data, args.seeds, log, args.arms)}
     meta["wall_min"] = (time.time() - start) / 60
     meta["run_min"] = sum(r["wall_s"] for r in log.doc["runs"]) / 60
-    md = report(done, log.doc["runs"], meta, args.quick)
+    # Report the runs of this configuration only: a resumed log may also hold runs at learning rates that a
+    # longer search has since replaced, or of more seeds.
+    rows = [
+        r
+        for r in log.doc["runs"]
+        if r["tasks"] in done
+        and r["arm"] in done[r["tasks"]]["chosen"]
+        and (
+            r["phase"] == "search" or (r["lr"] == done[r["tasks"]]["chosen"][r["arm"]]["lr"] and r["seed"] < args.seeds)
+        )
+    ]
+    md = report(done, rows, meta, args.quick)
     meta["chosen_lr"] = {
         t: {n: {**c, "tried": {f"{k:g}": v for k, v in c["tried"].items()}} for n, c in d["chosen"].items()}
         for t, d in done.items()
@@ -510,7 +521,7 @@ def main(argv=None):
     log.doc["meta"] = meta
     log.save()
     (args.out / f"{args.name}.md").write_text("\n".join(md) + "\n")
-    figure(done, log.doc["runs"], args.out / f"{args.name}.png")
+    figure(done, rows, args.out / f"{args.name}.png")
     print(f"wrote {args.out / args.name}.md, .png and .json in {meta['wall_min']:.1f} min")
     return done, log.doc
 

@@ -421,14 +421,22 @@ def main(argv=None):
     res = experiment(s, data, args.seeds, log, args.orders, args.arms, reuse)
     meta["wall_min"] = (time.time() - start) / 60
     meta["run_min"] = sum(r["wall_s"] for r in log.doc["runs"]) / 60
-    md = report(s, res, log.doc["runs"], meta)
+    # Report the runs of this configuration only (a resumed log may hold runs at replaced learning rates).
+    chosen = res["chosen"]
+    rows = [
+        r
+        for r in log.doc["runs"]
+        if (r["order"], r["arm"]) in chosen
+        and (r["phase"] == "search" or (r["lr"] == chosen[(r["order"], r["arm"])]["lr"] and r["seed"] < args.seeds))
+    ]
+    md = report(s, res, rows, meta)
     meta["chosen_lr"] = {
         f"{o}/{n}": {**c, "tried": {f"{k:g}": v for k, v in c["tried"].items()}} for (o, n), c in res["chosen"].items()
     }
     log.doc["meta"] = meta
     log.save()
     (args.out / f"{args.name}.md").write_text("\n".join(md) + "\n")
-    figure(s, res, log.doc["runs"], args.out / f"{args.name}.png")
+    figure(s, res, rows, args.out / f"{args.name}.png")
     print(f"wrote {args.out / args.name}.md, .png and .json in {meta['wall_min']:.1f} min")
     return res, log.doc
 

@@ -5,25 +5,35 @@ PY := $(VENV)/bin/python
 # torch must come first: the CPU wheel pinned here, so nothing else drags in a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 DATA_DIR ?= data
+# Nothing installed after torch may swap it for another build (e.g. a multi-GB CUDA wheel).
+CHECK_TORCH = $(PY) -c "import sys, torch; want = '$(TORCH_SPEC)'.split('==')[-1]; print('torch', torch.__version__); \
+	sys.exit(0 if torch.__version__.startswith(want) else f'torch {torch.__version__} replaced {want}')"
 export HF_HUB_OFFLINE := 1
 export MPLBACKEND := Agg
 
-.PHONY: venv demo test test-all lint bench bench-data bench-tasks clean
+.PHONY: venv demo-venv demo test test-all lint bench bench-data bench-tasks clean
 
 venv: $(VENV)/.installed
+demo-venv: $(VENV)/.demo-installed
 
-$(VENV)/.installed: pyproject.toml
+# The demo's venv: torch, this package and tqdm (progress bars), nothing else.
+$(VENV)/.demo-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev,hf,lightning,bench]"
-	$(PY) -m pip install --quiet --no-deps "perforatedai==3.2.9"
-	@# Nothing installed after torch may swap it for another build (e.g. a multi-GB CUDA wheel).
-	$(PY) -c "import sys, torch; want = '$(TORCH_SPEC)'.split('==')[-1]; print('torch', torch.__version__); \
-	sys.exit(0 if torch.__version__.startswith(want) else f'torch {torch.__version__} replaced {want}')"
+	$(PY) -m pip install --quiet -e . tqdm
+	$(CHECK_TORCH)
 	touch $@
 
-demo: venv
+# The test venv: the demo's plus every optional dependency the tests exercise (Hugging Face, Lightning,
+# ONNX export, TensorBoard, the benchmark libraries, and the peer library for the benchmarks).
+$(VENV)/.installed: $(VENV)/.demo-installed pyproject.toml
+	$(PY) -m pip install --quiet -e ".[dev,hf,lightning,bench,export]"
+	$(PY) -m pip install --quiet --no-deps "perforatedai==3.2.9"
+	$(CHECK_TORCH)
+	touch $@
+
+demo: $(VENV)/.demo-installed
 	$(PY) examples/mnist/fetch_data.py --data-dir $(DATA_DIR)
 	$(PY) examples/mnist/demo.py --data-dir $(DATA_DIR) --out-dir runs/demo
 

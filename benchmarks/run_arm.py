@@ -67,6 +67,7 @@ def run_ours(task, arm, seed, splits, target, quick=False):
     model = task.wide(width) if width is not None else task.build(1.0)
     if arm in ("gd", "correlation"):
         td.add_dendrites(model)
+        # The trial rule, dendrite initialisation and learning-rate scale are the library's defaults.
         cfg = td.GrowthConfig(
             mode="every" if quick else "plateau",  # quick: grow every epoch, to exercise growth
             patience=task.patience,
@@ -77,11 +78,17 @@ def run_ours(task, arm, seed, splits, target, quick=False):
             improvement_rel=task.improvement_rel,
         )
     else:
+        # Plain arms train the whole epoch budget (patience = budget) and keep their best-validation weights:
+        # the dendritic arms' several phases get no more epochs than they do.
         cfg = td.GrowthConfig(
-            mode="never", patience=task.patience, max_epochs=task.epochs, improvement_rel=task.improvement_rel
+            mode="never", patience=task.epochs, max_epochs=task.epochs, improvement_rel=task.improvement_rel
         )
     ctl = td.GrowthController(model, cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=task.lr)
+
+    def make_opt():
+        return torch.optim.Adam(td.param_groups(model, task.lr))
+
+    opt = make_opt()
     gen = torch.Generator().manual_seed(seed)
     curve = []
     t0 = time.perf_counter()
@@ -90,10 +97,13 @@ def run_ours(task, arm, seed, splits, target, quick=False):
         r = ctl.step(evaluate(task, model, val), test=evaluate(task, model, test))
         curve.append(r.score)
         if r.restructured:
-            opt = torch.optim.Adam(model.parameters(), lr=task.lr)
+            opt = make_opt()
+    plain = ctl.architectures.get(0, {}).get("extras", {})
     return {
         "params": n_params(model),
         "dendrites": ctl.num_dendrites,
+        # the test score at the best epoch without dendrites (the model before any growth)
+        "pre_growth_test": plain.get("test"),
         "epochs": ctl.epoch,
         "best_val": ctl.best_score,
         "test": ctl.best_extras["test"],

@@ -3,10 +3,12 @@
 ``TD_CRASH=epoch:N`` kills the process (SIGKILL) right after epoch N's controller step;
 ``TD_CRASH=write:N`` kills it halfway through writing the N-th checkpoint file;
 ``TD_CRASH=swap:N`` kills it at the N-th rename of a checkpoint folder swap.
+Checkpoint faults go through the library's I/O seam (``persistence.io.use``), not by patching its modules.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,55 +18,51 @@ import torch
 from torch import nn
 
 import torch_dendrites as td
-from torch_dendrites import persistence
+from torch_dendrites.persistence import io
 
 
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+class CrashingFileSystem(io.FileSystem):
+    """Dies at the n-th file write (leaving half a file) or the n-th rename."""
+
+    def __init__(self, kind: str, n: int):
+        self.kind, self.n, self.count = kind, n, 0
+
+    def before(self, op, name):
+        if self.kind == "swap" and op == "rename":
+            self.count += 1
+            if self.count == self.n:
+                die()
+
+    def write_file(self, name, data, dir_fd):
+        if self.kind == "write":
+            self.count += 1
+            if self.count == self.n:
+                super().write_file(name, data[: len(data) // 2], dir_fd)  # a half-written file stays behind
+                die()
+        super().write_file(name, data, dir_fd)
+
+
 def arm_crash():
     kind, _, n = os.environ.get("TD_CRASH", "").partition(":")
     if not kind:
-        return None, -1
+        return None, -1, contextlib.nullcontext()
     n = int(n)
-    count = {"n": 0}
-    if kind == "write":
-        real = persistence._write_tensors
-
-        def write(path, tensors, metadata=None):
-            count["n"] += 1
-            if count["n"] == n:
-                real(path, tensors, metadata)
-                data = open(path, "rb").read()
-                with open(path, "wb") as f:  # leave a half-written file behind
-                    f.write(data[: len(data) // 2])
-                    f.flush()
-                    os.fsync(f.fileno())
-                die()
-            real(path, tensors, metadata)
-
-        persistence._write_tensors = write
-    elif kind == "swap":
-        real_replace = persistence.os.replace
-
-        class OsProxy:
-            def __getattr__(self, name):
-                return getattr(os, name)
-
-            @staticmethod
-            def replace(a, b):
-                count["n"] += 1
-                if count["n"] == n:
-                    die()
-                real_replace(a, b)
-
-        persistence.os = OsProxy()
-    return kind, n
+    if kind in ("write", "swap"):
+        return kind, n, io.use(CrashingFileSystem(kind, n))
+    return kind, n, contextlib.nullcontext()
 
 
 def main(out_dir):
-    kind, n = arm_crash()
+    kind, n, faults = arm_crash()
+    with faults:
+        train(out_dir, kind, n)
+
+
+def train(out_dir, kind, n):
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)

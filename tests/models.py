@@ -117,6 +117,64 @@ class CustomNet(nn.Module):
         return self.b(torch.relu(self.a(x)))
 
 
+class ConvBN(nn.Sequential):
+    """A convolution and its batch norm treated as one dendritic unit (README: "Conv + BatchNorm as one unit")."""
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d):
+        super().__init__(conv, bn)
+
+
+class ConvBNSpec(td.LayerSpec):
+    """Dendrites of a ConvBN unit: convolutions of the unit's conv shape (groups=1), added after the batch norm.
+    The default vmap spec cannot run the unit (batch norm updates its running statistics in place)."""
+
+    def __init__(self):
+        super().__init__(neuron_axis=-3, num_neurons=lambda m: m[0].out_channels)
+
+    def param_names(self, module):
+        return ["weight", "bias"]
+
+    def init_params(self, module, scale, generator):
+        conv = module[0]
+        bound = scale / conv.weight[0].numel() ** 0.5
+
+        def uniform(shape):
+            return ((torch.rand(shape, generator=generator) * 2 - 1) * bound).to(conv.weight)
+
+        return {"weight": uniform(conv.weight.shape), "bias": uniform((conv.out_channels,))}
+
+    def batched_forward(self, module, params, x):
+        conv = module[0]
+        w, b = torch.cat(params["weight"]), torch.cat(params["bias"])
+        return torch.nn.functional.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation)
+
+
+td.register_layer_type(ConvBN, ConvBNSpec())
+
+
+class ConvBNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block1 = ConvBN(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6))
+        self.block2 = ConvBN(nn.Conv2d(6, 4, 3, stride=2), nn.BatchNorm2d(4))
+        self.fc = nn.Linear(4 * 3 * 3, 2)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.block2(torch.relu(self.block1(x)))).flatten(1))
+
+
+class EmbeddingNet(nn.Module):
+    """Token embeddings (with a padding row) feeding a Linear, as in a bag-of-words classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(13, 6, padding_idx=0)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, idx):
+        return self.fc(torch.tanh(self.emb(idx)).mean(1))
+
+
 def transformer():
     layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
     return nn.Sequential(nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=True), nn.Linear(8, 3))
@@ -133,4 +191,12 @@ CASES = {
     "shared": (Shared, lambda: torch.randn(4, 5), None),
     "tied": (Tied, lambda: torch.randint(0, 11, (3, 4)), None),
     "custom": (CustomNet, lambda: torch.randn(4, 4), td.DendriteConfig(target_types=[Bilinearish])),
+    "conv_bn_unit": (ConvBNNet, lambda: torch.randn(3, 3, 8, 8), td.DendriteConfig(target_types=[ConvBN, nn.Linear])),
+    "embedding": (
+        EmbeddingNet,
+        lambda: torch.randint(0, 13, (4, 5)),
+        td.DendriteConfig(target_types=[nn.Embedding, nn.Linear]),
+    ),
 }
+# Cases whose layers only the cascade and gated types support (the others build weights from the layer algebra).
+CUSTOM_CASES = ("custom", "conv_bn_unit", "embedding")

@@ -157,6 +157,9 @@ def test_growth_after_the_full_gate_keeps_the_function():
     model[0].truncate(0)
     td.grow(model)  # the first gate again: full
     assert model[0].dendrites.units[0].full
+    # units built before attaching (as the growth controller does) know their position
+    stack = model[0].dendrites
+    assert stack.new_unit(index=0).full and not stack.new_unit(index=1).full and not stack.new_unit().full
 
 
 def test_mixed_default_is_unchanged_and_full_round_trips(tmp_path):

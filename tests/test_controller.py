@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import torch_dendrites as td
+import torch_dendrites.growth.sinks
 
 
 def tiny(seed=0):
@@ -84,7 +90,8 @@ def test_useless_set_is_retried_then_done_on_best_weights():
         events.append(r.event)
         if r.done:
             break
-    assert events == ["", "grow", "", "retry", "", "done"]
+    # the set's trial lasts trial_warmup (3) epochs, then its own plateau of `patience`; it never beats 0.8
+    assert events == ["", "grow", "", "", "retry", "", "", "done"]
     assert r.done and r.restructured and r.num_dendrites == 0
     now = model.state_dict()
     assert now.keys() == best.keys()
@@ -95,11 +102,12 @@ def test_useless_set_is_retried_then_done_on_best_weights():
 
 def test_retry_uses_fresh_dendrite_weights():
     model = tiny()
-    ctl = td.GrowthController(model, td.GrowthConfig(patience=1, max_tries=3, seed=5))
+    ctl = td.GrowthController(model, td.GrowthConfig(patience=1, trial_warmup=1, max_tries=3, seed=5))
     ctl.step(0.5)
     ctl.step(0.4)  # grow
     w1 = td.dendritic_layers(model)["0"].dendrites.units[0].weight.clone()
-    r = ctl.step(0.4)  # retry
+    ctl.step(0.4)  # the trial's own best
+    r = ctl.step(0.4)  # its plateau: not better than 0.5, retry
     assert r.event == "retry"
     w2 = td.dendritic_layers(model)["0"].dendrites.units[0].weight
     assert not torch.equal(w1, w2)
@@ -107,7 +115,7 @@ def test_retry_uses_fresh_dendrite_weights():
 
 def test_successful_growth_then_max_dendrites_ends():
     model = tiny()
-    ctl = td.GrowthController(model, td.GrowthConfig(patience=1, max_dendrites=2))
+    ctl = td.GrowthController(model, td.GrowthConfig(patience=1, trial_warmup=1, max_dendrites=2))
     scores = [0.1, 0.1, 0.2, 0.2, 0.3, 0.3, 0.3]
     res = run(model, ctl, scores)
     assert [r.event for r in res] == ["", "grow", "", "grow", "", "done"]
@@ -251,7 +259,7 @@ def test_state_dict_round_trip_continues_identically():
 
 def test_out_dir_records(tmp_path):
     model = tiny()
-    ctl = td.GrowthController(model, td.GrowthConfig(patience=1, max_dendrites=1), out_dir=tmp_path)
+    ctl = td.GrowthController(model, td.GrowthConfig(patience=1, trial_warmup=1, max_dendrites=1), out_dir=tmp_path)
     for i, s in enumerate([0.1, 0.2, 0.2, 0.3, 0.3]):
         perturb(model, i)
         r = ctl.step(s, test=s - 0.05, train=s + 0.1 if i > 1 else None) if i > 1 else ctl.step(s, test=s - 0.05)
@@ -299,11 +307,11 @@ def test_growth_config_validation_names_the_field(kwargs, field):
 
 
 def test_figure_is_drawn_only_at_growth_and_done(tmp_path, monkeypatch):
-    from torch_dendrites import reporting
+    from torch_dendrites.growth import sinks
 
     calls = []
-    real = reporting.Reporter.plot
-    monkeypatch.setattr(reporting.Reporter, "plot", lambda self, h: calls.append(h[-1]["event"]) or real(self, h))
+    real = sinks.FigureSink.plot
+    monkeypatch.setattr(sinks.FigureSink, "plot", lambda self, h: calls.append(h[-1]["event"]) or real(self, h))
     model = tiny()
     ctl = td.GrowthController(model, td.GrowthConfig(patience=2, max_dendrites=1), out_dir=tmp_path)
     res = run(model, ctl, [0.1, 0.2, 0.3, 0.3, 0.3, 0.4, 0.4, 0.4])
@@ -347,3 +355,226 @@ def test_writer_gets_scores_structure_and_events():
     assert w.texts == [("dendrites/event", "epoch 2: grow", 2)]
     with pytest.raises(td.ConfigError, match="add_scalar"):
         td.GrowthController(net, td.GrowthConfig(), writer=object())
+
+
+# ---------------------------------------------------------------------------------------- the fair trial
+def test_a_set_below_the_old_best_at_first_survives_its_trial():
+    """The trial is judged at the end of the set's own phase: scores first below the old best, then above."""
+    model = tiny()
+    ctl = td.GrowthController(model, td.GrowthConfig(patience=2, trial_warmup=3, max_dendrites=3))
+    scores = [0.5, 0.6, 0.6, 0.6, 0.55, 0.58, 0.59, 0.61, 0.63, 0.63, 0.63]
+    res = run(model, ctl, scores)
+    assert [r.event for r in res] == ["", "", "", "grow", "", "", "", "", "", "", "grow"]
+    assert res[-1].kept is True and res[-1].num_dendrites == 2 and ctl.best_counts == {"0": 1, "2": 1}
+    assert [r["kept"] for r in ctl.history] == [""] * 10 + [1]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.sampled_from([0.1, 0.2, 0.3, 0.4, 0.5]), min_size=1, max_size=40),
+    st.sampled_from(["plateau", "fixed", "every"]),
+    st.integers(1, 3),
+)
+def test_controller_carries_out_its_decisions(scores, mode, max_dendrites):
+    """restructured iff the parameters changed during the step; growth never passes max_dendrites; the
+    run ends on the best weights and structure."""
+    model = tiny()
+    cfg = td.GrowthConfig(mode=mode, patience=1, trial_warmup=1, switch_every=2, max_dendrites=max_dendrites, seed=0)
+    ctl = td.GrowthController(model, cfg)
+    best = None
+    for i, s in enumerate(scores + [0.0] * 60):
+        perturb(model, i)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        r = ctl.step(s)
+        after = model.state_dict()
+        changed = before.keys() != after.keys() or any(not torch.equal(before[k], after[k]) for k in before)
+        if r.improved:
+            best = before
+        assert r.restructured == changed or (r.restructured and r.event == "done" and not changed)
+        assert r.num_dendrites <= max_dendrites
+        if r.done:
+            break
+    assert ctl.done
+    assert model.state_dict().keys() == best.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in best.items())
+
+
+# ---------------------------------------------------------------------------------------- failures change nothing
+class _FailingSink(td.growth.sinks.Sink):
+    def on_best(self, controller):
+        raise OSError(28, "No space left on device")
+
+
+def test_failing_best_checkpoint_leaves_controller_and_model_unchanged():
+    model = tiny()
+    ctl = td.GrowthController(model, td.GrowthConfig(patience=1), sinks=[_FailingSink()])
+    before_model, before_ctl = state(model), ctl.state_dict()
+    with pytest.raises(OSError):
+        ctl.step(0.5)  # improves: the sink writes best/ before anything is committed
+    after = ctl.state_dict()
+    assert {k: v for k, v in after.items() if k != "best_state"} == {
+        k: v for k, v in before_ctl.items() if k != "best_state"
+    }
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before_model.items())
+    assert ctl.epoch == 0 and ctl.history == []
+
+
+def test_out_of_memory_while_growing_leaves_every_layer_as_it_was(monkeypatch):
+    model = tiny()
+    ctl = td.GrowthController(model, td.GrowthConfig(patience=1, seed=0))
+    ctl.step(0.5)
+    before_model, before_ctl = state(model), ctl.state_dict()
+    second = td.dendritic_layers(model)["2"].dendrites
+
+    def boom(*a, **k):
+        raise MemoryError("out of memory (simulated)")
+
+    monkeypatch.setattr(second, "new_unit", boom)
+    with pytest.raises(MemoryError):
+        ctl.step(0.4)  # a switch: restore best + grow; the second layer fails to build its dendrite
+    assert {n: la.num_dendrites for n, la in td.dendritic_layers(model).items()} == {"0": 0, "2": 0}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before_model.items())
+    assert ctl.epoch == before_ctl["policy"]["epoch"] == 1
+    monkeypatch.undo()
+    assert ctl.step(0.4).event == "grow"  # and the run goes on from where it was
+
+
+@pytest.mark.parametrize("name", ["epoch", "best", "dendrites", "event", "kept", "corr:0"])
+def test_extra_scores_may_not_overwrite_history_columns(name):
+    ctl = td.GrowthController(tiny(), td.GrowthConfig())
+    with pytest.raises(td.ScoreError, match=name):
+        ctl.step(0.5, **{name: 0.1})
+    assert ctl.epoch == 0
+
+
+def test_seed_is_bounded_and_the_largest_seed_grows():
+    with pytest.raises(td.ConfigError, match="seed"):
+        td.GrowthConfig(seed=2**64)
+    model = tiny()
+    ctl = td.GrowthController(model, td.GrowthConfig(patience=1, seed=2**32 - 1))
+    ctl.step(0.5)
+    assert ctl.step(0.5).event == "grow"
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"trial_warmup": 0}, "trial_warmup"),
+        ({"trial_max_epochs": 0}, "trial_max_epochs"),
+        ({"trial_warmup": 5, "trial_max_epochs": 3}, "trial_max_epochs"),
+        ({"candidate_init_scale": 0.0}, "candidate_init_scale"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_new_growth_config_fields_are_validated(kwargs, field):
+    with pytest.raises(td.ConfigError, match=field):
+        td.GrowthConfig(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------- the best-weight snapshot
+def test_snapshot_is_on_the_cpu_and_skips_frozen_base_weights():
+    model = tiny()
+    frozen = td.dendritic_layers(model)["0"].base.weight
+    frozen.requires_grad_(False)  # like a LoRA model's base
+    ctl = td.GrowthController(model, td.GrowthConfig(patience=1, trial_warmup=1, seed=0))
+    ctl.step(0.5)
+    assert "0.base.weight" not in ctl.best_state and "2.base.weight" in ctl.best_state
+    assert all(t.device.type == "cpu" for t in ctl.best_state.values())
+    ctl.step(0.4)  # grow
+    ctl.step(0.6)  # the set's best: its dendrite weights are in the snapshot, the frozen weight still is not
+    assert any(".dendrites.units.0." in k for k in ctl.best_state) and "0.base.weight" not in ctl.best_state
+    nbytes = sum(t.numel() * t.element_size() for t in ctl.best_state.values())
+    assert ctl.history[-1]["snapshot_bytes"] == nbytes
+    with torch.no_grad():
+        frozen.add_(1.0)  # someone changed a frozen weight: it cannot be restored, and we say so
+    with pytest.warns(UserWarning, match="0.base.weight"):
+        r = ctl.step(0.5)
+    assert r.event == "grow" and ctl.best_counts == {"0": 1, "2": 1}
+
+
+# ---------------------------------------------------------------------------------------- older saved states
+FIXTURES = Path(__file__).with_name("data") / "v1"
+
+
+def test_version_1_controller_state_loads_and_continues():
+    """A gd run saved by torch-dendrites 0.1.0 right after a retry (tests/data/make_v1_fixtures.py)."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    ctl = td.GrowthController(td.add_dendrites(copy.deepcopy(model)), td.GrowthConfig(patience=1, seed=0))
+    td.load(FIXTURES / "gd_trial", model, ctl)
+    assert ctl.model is model and ctl.epoch == 4 and ctl.num_dendrites == 1 and ctl.best_score == 0.6
+    st_ = ctl.state
+    assert st_.trial and st_.phase_start == 4 and st_.pre_growth_best == 0.6 and st_.phase_best is None
+    assert st_.tries == 1 and st_.growths == 2 and ctl.best_counts == {"0": 0, "2": 0}
+    # the retried set's trial goes on under the new rule: warm-up 3 epochs, then not better than 0.6: done
+    assert [ctl.step(s).event for s in (0.55, 0.55, 0.55)] == ["", "", "done"]
+    assert ctl.num_dendrites == 0
+
+
+def test_version_1_candidate_phase_loads_and_continues():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    cfg = td.GrowthConfig(patience=1, seed=0, dendrite_training="correlation")
+    ctl = td.GrowthController(td.add_dendrites(copy.deepcopy(model)), cfg)
+    td.load(FIXTURES / "correlation_candidates", model, ctl)
+    assert ctl.phase == "candidate" and ctl.epoch == 3 and ctl.cand_start == 2
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".candidates." in n for n in trainable)
+    assert ctl.step(0.5).event == "grow"  # the candidate phase's cap (as long as phase 0: 2 epochs)
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda s: s.update(version=99), "newer"),
+        (lambda s: s.update(shiny=1), "unknown"),
+        (lambda s: s["policy"].update(shiny=1), "unknown"),
+        (lambda s: s["policy"].update(epoch=-1), "epoch"),
+        (lambda s: s["policy"].update(phase="dreaming"), "phase"),
+        (lambda s: s["policy"].update(best="0.5"), "best"),
+        (lambda s: s["policy"].update(best=float("nan")), "best"),
+        (lambda s: s["policy"].update(tries=True), "tries"),
+        (lambda s: s.update(history=[]), "history"),
+        (lambda s: s["best_counts"].update({"0": 7}), "best_counts"),
+        (lambda s: s["best_counts"].update({"nope": 0}), "best_counts"),
+        (lambda s: s.update(best_state={"0.base.weight": torch.zeros(3)}), "best_state"),
+        (lambda s: s.update(best_state={"nope": torch.zeros(3)}), "best_state"),
+    ],
+)
+def test_malformed_controller_state_is_refused_and_changes_nothing(edit, match):
+    model = tiny()
+    ctl = td.GrowthController(model, td.GrowthConfig(patience=1, trial_warmup=1, max_dendrites=3))
+    for s in (0.1, 0.2, 0.2, 0.3):
+        ctl.step(s)
+    good = ctl.state_dict()
+    bad = copy.deepcopy(good)
+    edit(bad)
+    fresh_ctl = td.GrowthController(model, td.GrowthConfig(patience=1, trial_warmup=1, max_dendrites=3))
+    with pytest.raises(td.StateError, match=match):
+        fresh_ctl.load_state_dict(bad)
+    assert fresh_ctl.epoch == 0 and fresh_ctl.history == [] and fresh_ctl.best_state is None
+
+
+def test_warns_when_the_optimizer_was_not_rebuilt_after_growth():
+    model = tiny()
+    ctl = td.GrowthController(model, td.GrowthConfig(patience=1, trial_warmup=1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 3)
+
+    def epoch():
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+    epoch()
+    ctl.step(0.5)
+    epoch()
+    assert ctl.step(0.4).restructured  # grew: the old optimizer does not hold the new dendrites
+    epoch()
+    with pytest.warns(UserWarning, match="sync_optimizer"):
+        ctl.step(0.45)
+    # rebuilt: no warning
+    assert ctl.step(0.4).event == "retry"
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    epoch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ctl.step(0.46)

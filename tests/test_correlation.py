@@ -291,7 +291,9 @@ def test_save_and_resume_in_the_middle_of_a_candidate_phase(tmp_path):
 def test_candidate_pool_installs_the_best_correlated_candidate():
     torch.manual_seed(0)
     model = td.add_dendrites(nn.Sequential(nn.Linear(3, 2)))
-    cfg = td.GrowthConfig(patience=1, max_dendrites=1, dendrite_training="correlation", candidate_pool=3, seed=0)
+    cfg = td.GrowthConfig(
+        patience=1, max_dendrites=1, dendrite_training="correlation", candidate_pool=3, seed=0, candidate_max_epochs=1
+    )
     ctl = td.GrowthController(model, cfg)
     ctl.step(0.5)
     assert ctl.step(0.4).event == "candidates"
@@ -303,6 +305,58 @@ def test_candidate_pool_installs_the_best_correlated_candidate():
     model(x).mul(target).sum().backward()  # one batch of statistics, error = target
     scores = dend.correlation.scores()
     best = dend.candidates[int(scores.argmax())]
-    ctl._install_candidates()
+    assert ctl.step(0.5).event == "grow"  # the candidate phase's cap (1 epoch): the best candidate is installed
     assert dend.units[0] is best and len(dend.candidates) == 0
     assert not best.weight.requires_grad and best.out_gain.requires_grad
+
+
+def test_a_hand_written_sgd_loop_runs_through_candidate_phases_and_installs():
+    """pytorch/examples' word_language_model updates every parameter by hand (p.data.add_(p.grad, ...)).
+
+    Parameters frozen by the controller (the model in a candidate phase, the input weights of installed
+    dendrites) get zero gradients, so the loop runs unchanged and the frozen weights stay exactly as they were.
+    """
+    torch.manual_seed(0)
+    model = td.add_dendrites(nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1)))
+    cfg = td.GrowthConfig(
+        mode="fixed", switch_every=2, max_dendrites=2, dendrite_training="correlation", seed=0,
+        candidate_max_epochs=2, max_tries=5,
+    )  # fmt: skip
+    ctl = td.GrowthController(model, cfg)
+    (xtr, ytr), (xva, yva) = residual_task()
+    events, frozen_seen = [], []
+    for _ in range(12):
+        model.train()
+        # the model in a candidate phase, the installed dendrites' input weights after it
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        for _ in range(5):
+            model.zero_grad()
+            nn.functional.mse_loss(model(xtr), ytr).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            for p in model.parameters():
+                p.data.add_(p.grad, alpha=-0.05)
+        if frozen:
+            frozen_seen.append(all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen))
+        model.eval()
+        with torch.no_grad():
+            events.append(ctl.step(-nn.functional.mse_loss(model(xva), yva).item()).event)
+        if ctl.done:
+            break
+    assert events[:4] == ["", "candidates", "", "grow"]  # fixed phases: candidates at 2, installed at 4
+    assert len(frozen_seen) >= 4 and all(frozen_seen)  # two candidate epochs and the neuron epochs after
+
+
+def test_weight_decay_on_frozen_parameters_is_refused_with_the_fix():
+    torch.manual_seed(0)
+    model = td.add_dendrites(nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1)))
+    cfg = td.GrowthConfig(patience=1, dendrite_training="correlation", seed=0)
+    ctl = td.GrowthController(model, cfg)
+    (xtr, ytr), _ = residual_task()
+    ctl.step(-1.0)
+    assert ctl.step(-1.0).event == "candidates"
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)  # every parameter, not the trainable
+    fit_epoch(model, opt, xtr, ytr, nn.functional.mse_loss)
+    before = ctl.state_dict()
+    with pytest.raises(td.StateError, match="requires_grad"):
+        ctl.step(-1.0)
+    assert ctl.state_dict()["policy"] == before["policy"]

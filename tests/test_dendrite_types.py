@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from models import CASES
+from models import CASES, CUSTOM_CASES
 
 import torch_dendrites as td
 from torch_dendrites.dendrites import (
@@ -31,7 +31,7 @@ OPTIONS = {
 }
 # lowrank and sparse build their own weights from the layer's algebra: built-in layer types only.
 OWN_WEIGHTS = ("lowrank", "sparse", "sparse_linear")
-PAIRS = [(t, c) for t in OPTIONS for c in sorted(CASES) if not (t in OWN_WEIGHTS and c == "custom")]
+PAIRS = [(t, c) for t in OPTIONS for c in sorted(CASES) if not (t in OWN_WEIGHTS and c in CUSTOM_CASES)]
 
 
 def config(dtype, case=None, **extra):
@@ -224,9 +224,58 @@ def test_bad_options_raise_and_leave_the_model_untouched(dtype, options, match):
 @pytest.mark.parametrize("dtype", OWN_WEIGHTS)
 def test_unsupported_layer_types_are_refused_by_name(dtype):
     model, _ = build("custom")
-    with pytest.raises(td.UnsupportedModuleError, match="nn.Linear, nn.Conv1d/2d/3d"):
+    with pytest.raises(td.UnsupportedModuleError, match="layer algebra"):
         td.add_dendrites(model, config(dtype, "custom"))
     assert not td.dendritic_layers(model)
+
+
+class PlainAffine(torch.nn.Module):
+    """A user layer computing x @ W^T + b with its own parameters (not an nn.Linear subclass)."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(n_out, n_in) / n_in**0.5)
+        self.bias = torch.nn.Parameter(torch.zeros(n_out))
+        self.out_features = n_out
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+class AffineSpec(td.LayerSpec):
+    """The layer algebra for PlainAffine: all that lowrank and sparse dendrites need."""
+
+    def fan_in_shape(self, module):
+        return (module.weight.shape[1],)
+
+    def linear_maps(self, module, weight, bias, x):
+        return torch.nn.functional.linear(x, weight.flatten(0, 1), None if bias is None else bias.flatten())
+
+
+td.register_layer_type(PlainAffine, spec=AffineSpec())
+
+
+@pytest.mark.parametrize("dtype", OWN_WEIGHTS)
+def test_types_that_build_their_own_weights_serve_any_layer_whose_spec_gives_the_algebra(dtype):
+    """The same dendrites on a registered custom layer and on an nn.Linear with the same weights compute the same."""
+    torch.manual_seed(0)
+    custom = torch.nn.Sequential(PlainAffine(12, 5))
+    linear = torch.nn.Sequential(torch.nn.Linear(12, 5))
+    with torch.no_grad():
+        linear[0].weight.copy_(custom[0].weight)
+        linear[0].bias.copy_(custom[0].bias)
+    x = torch.randn(7, 12)
+    for model in (custom, linear):
+        td.add_dendrites(model, config(dtype))
+        before = model(x)
+        for seed in (0, 1):
+            td.grow(model, torch.Generator().manual_seed(seed))
+        assert torch.equal(model(x), before)  # growth preserves the function on either layer
+        with torch.no_grad():
+            for unit in model[0].dendrites.units:
+                unit.out_gain.fill_(0.5)
+    assert torch.allclose(custom(x), linear(x), atol=1e-6)
+    assert not torch.allclose(custom(x), before)
 
 
 def test_only_cascade_supports_correlation_training():
@@ -486,7 +535,7 @@ def test_gated_dendrites_are_independent_between_models():
 
 def test_number_of_types():
     assert set(OPTIONS) | {"cascade"} == set(dendrite_type_names())
-    assert math.isclose(len(PAIRS), 4 * len(CASES) - 3)
+    assert math.isclose(len(PAIRS), 4 * len(CASES) - len(OWN_WEIGHTS) * len(CUSTOM_CASES))
 
 
 @pytest.mark.parametrize("dtype", OWN_WEIGHTS)

@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 import torch
+from ckpt_tools import edit_recipe, resign
 from models import CASES
 
 import torch_dendrites as td
@@ -103,16 +104,17 @@ def test_truncated_weights_and_edited_recipe(tmp_path):
     recipe = json.loads((folder / "recipe.json").read_text())
     recipe["layers"][0]["num_dendrites"] = "two"
     (folder / "recipe.json").write_text(json.dumps(recipe))
+    with pytest.raises(td.CheckpointError, match="checksum"):  # an edit without re-signing
+        td.load(folder, fresh("mlp"))
+    resign(folder)  # an edit by someone who knows the format: the structural checks catch it
     with pytest.raises(td.CheckpointError, match="num_dendrites"):
         td.load(folder, fresh("mlp"))
-    recipe["layers"][0]["num_dendrites"] = 3  # one more than the weights hold
-    (folder / "recipe.json").write_text(json.dumps(recipe))
+    edit_recipe(folder, lambda r: r["layers"][0].update(num_dendrites=3))  # one more than the weights hold
     m = fresh("mlp")
-    with pytest.raises(td.CheckpointError, match="missing keys"):
+    with pytest.raises(td.CheckpointError, match="num_dendrites=3 in the recipe but 2 in the weights"):
         td.load(folder, m)
     assert not td.dendritic_layers(m)
-    recipe["format_version"] = 99
-    (folder / "recipe.json").write_text(json.dumps(recipe))
+    edit_recipe(folder, lambda r: r.update(format_version=99))
     with pytest.raises(td.CheckpointError, match="newer"):
         td.load(folder, fresh("mlp"))
 
@@ -126,7 +128,9 @@ def test_ddp_and_compile_prefixes_accepted(tmp_path):
 
     folder = td.save(tmp_path / "m", model)
     state = {f"module._orig_mod.{k}": v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"))
+    save_id = json.loads((folder / "recipe.json").read_text())["save_id"]
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "torch-dendrites", "save_id": save_id})
+    resign(folder)
     loaded = td.load(folder, fresh("mlp"))
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
@@ -160,9 +164,7 @@ def test_summary_identical_after_load(tmp_path):
 def test_path_traversal_and_odd_layer_names_are_refused(tmp_path, bad_path):
     model, _ = grown("mlp")
     folder = td.save(tmp_path / "m", model)
-    recipe = json.loads((folder / "recipe.json").read_text())
-    recipe["layers"][0]["path"] = bad_path
-    (folder / "recipe.json").write_text(json.dumps(recipe))
+    edit_recipe(folder, lambda r: r["layers"][0].update(path=bad_path))
     m = fresh("mlp")
     with pytest.raises(td.CheckpointError, match="module path"):
         td.load(folder, m)
@@ -218,11 +220,13 @@ def test_optimizer_scheduler_rng_round_trip(tmp_path):
 
 def test_stale_optimizer_is_refused_by_save_latest(tmp_path):
     model, _ = grown("mlp", sets=1)
-    ctl = td.GrowthController(model, td.GrowthConfig(patience=1, max_dendrites=3), out_dir=tmp_path)
+    cfg = td.GrowthConfig(patience=1, trial_warmup=1, max_dendrites=3)
+    ctl = td.GrowthController(model, cfg, out_dir=tmp_path)
     ctl.step(0.5)
     assert ctl.step(0.5).event == "grow"
     opt = torch.optim.SGD(model.parameters(), lr=0.1)  # rebuilt after growth, as it should be
     ctl.save_latest(opt)
+    ctl.step(0.4)
     assert ctl.step(0.4).event == "retry"  # the failed set is removed: `opt` now holds stale parameters
     with pytest.raises(td.StateError, match="rebuild"):
         ctl.save_latest(opt)
@@ -237,3 +241,56 @@ def test_load_leaves_the_global_random_state_alone(tmp_path):
     state = torch.get_rng_state()
     td.load(tmp_path / "ckpt", fresh)
     assert torch.equal(torch.get_rng_state(), state) and fresh[0].num_dendrites == 2
+
+
+class _Gain(torch.nn.Module):
+    def __init__(self, gain):
+        super().__init__()
+        self.out_gain = torch.nn.Parameter(gain)
+
+
+class _DataInitDendrites(td.dendrites.base.DendriteStack):
+    """A user dendrite type whose init reads the layer's weights (data-dependent: no meta-device build)."""
+
+    type_name = "test_data_init"
+
+    def grow(self, generator=None):
+        like = self._like()
+        scale = float(like.detach().abs().mean())  # fails on the meta device: there are no values there
+        unit = _Gain(torch.full((self.num_neurons,), scale, dtype=like.dtype, device=like.device))
+        self.units.append(unit)
+        return self.num_neurons
+
+    def forward(self, y, neuron_axis, *args, **kwargs):
+        p = self._check_axis(y, neuron_axis)
+        for u in self.units:
+            y = y * (1 + 0.1 * u.out_gain.view(-1, *(1,) * (y.dim() - p - 1)))
+        return y
+
+
+def test_custom_dendrite_type_that_cannot_be_built_on_the_meta_device_loads(tmp_path):
+    td.register_dendrite_type("test_data_init", _DataInitDendrites)
+    model, x = grown("mlp", sets=0)
+    model = td.add_dendrites(td.remove_dendrites(model), td.DendriteConfig(dendrite_type="test_data_init"))
+    td.grow(model)
+    td.grow(model)
+    td.save(tmp_path / "m", model)
+    base = fresh("mlp")
+    state = torch.get_rng_state()
+    loaded = td.load(tmp_path / "m", base)
+    assert torch.equal(torch.get_rng_state(), state)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_resolve_tells_nothing_there_from_unreadable(tmp_path):
+    """A resume may start afresh only when nothing is there: anything else that fails must not be
+    mistaken for "no checkpoint" (the next save would replace the unreadable one)."""
+    from torch_dendrites.persistence.io import NoCheckpoint
+
+    with pytest.raises(NoCheckpoint):
+        td.persistence._resolve(tmp_path / "latest")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(td.CheckpointError) as info:
+        td.persistence._resolve(tmp_path / "file")
+    assert not isinstance(info.value, NoCheckpoint)

@@ -12,6 +12,7 @@ Example:
     True
 """
 
+from ._version import __version__ as __version__
 from .config import DendriteConfig, GrowthConfig
 from .context import TaskPrototypes
 from .dendrites import dendrite_context, register_dendrite_type
@@ -26,12 +27,19 @@ from .errors import (
 )
 from .growth import GrowthController, StepResult
 from .kwta import KWTA
-from .layer import DendriticLayer, LayerSpec, register_layer_type
-from .optim import sync_optimizer
+from .layer import DendriticLayer
+from .optim import param_groups, sync_optimizer
 from .persistence import load, save
-from .surgery import Summary, add_dendrites, dendritic_layers, grow, remove_dendrites, summary
-
-__version__ = "0.1.0"
+from .specs import LayerSpec, register_layer_type
+from .surgery import (
+    Summary,
+    add_dendrites,
+    dendritic_layers,
+    grow,
+    load_base_state_dict,
+    remove_dendrites,
+    summary,
+)
 
 __all__ = [
     "CheckpointError",
@@ -55,6 +63,8 @@ __all__ = [
     "dendritic_layers",
     "grow",
     "load",
+    "load_base_state_dict",
+    "param_groups",
     "register_dendrite_type",
     "register_layer_type",
     "remove_dendrites",

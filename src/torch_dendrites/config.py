@@ -16,12 +16,14 @@ from typing import Any, Callable, Optional, Sequence, Tuple, Type, Union
 from torch import nn
 
 from .errors import ConfigError
+from .registry import DENDRITE_TYPES
 
 __all__ = ["DendriteConfig", "GrowthConfig"]
 
 ACTIVATIONS = ("sigmoid", "tanh")
 GROWTH_MODES = ("plateau", "fixed", "every", "never")
 DENDRITE_TRAINING = ("gd", "correlation")
+SEED_LIMIT = 2**32  # GrowthConfig.seed: every derived generator seed then fits torch's 64-bit range
 
 
 def _as_tuple(value: Any, field_name: str, kind: str) -> Optional[tuple]:
@@ -109,12 +111,9 @@ class DendriteConfig:
         _check_patterns(self.exclude, "exclude")
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise ConfigError(f"filter_fn={self.filter_fn!r} is not callable; pass fn(module, name) -> bool.")
-        # Imported here: the dendrite registry imports the config module.
-        from .dendrites import dendrite_type_names
-
-        if self.dendrite_type not in dendrite_type_names():
+        if self.dendrite_type not in DENDRITE_TYPES:
             raise ConfigError(
-                f"dendrite_type={self.dendrite_type!r} is unknown; choose one of {sorted(dendrite_type_names())}."
+                f"dendrite_type={self.dendrite_type!r} is unknown; choose one of {sorted(DENDRITE_TYPES.names())}."
             )
         if not isinstance(self.dendrite_options, dict):
             raise ConfigError(f"dendrite_options={self.dendrite_options!r} must be a dict.")
@@ -173,14 +172,20 @@ class GrowthConfig:
         mode: ``"plateau"`` grows after ``patience`` epochs without a new best; ``"fixed"`` every
             ``switch_every`` epochs; ``"every"`` after every epoch (a quick capacity test); ``"never"``
             only early-stops (the baseline arm: same stopping rule and best-weight restore, no growth).
-        patience: epochs without a new best before a switch (plateau) or before stopping (never).
+        patience: epochs without a new best before a switch (plateau) or before stopping (never). Inside the
+            trial of a new dendrite set the plateau is measured against the trial's own best.
         switch_every: phase length in epochs for ``mode="fixed"``.
+        trial_warmup: ``mode="plateau"``: a new dendrite set trains at least this many epochs before its
+            trial can end (new output gains start at zero and the optimizer starts cold).
+        trial_max_epochs: ``mode="plateau"``: the longest a trial may last (None: until its own plateau or
+            ``max_epochs``). At the end of its trial a set is kept only if the trial's best beat the best
+            from before the growth (with the improvement thresholds); otherwise it is rolled back.
         maximize: ``True`` for accuracy-like scores, ``False`` for losses.
         improvement_rel: a new best must beat the old by more than ``improvement_rel * |best|`` ...
         improvement_abs: ... and by more than ``improvement_abs``.
         smoothing: exponential smoothing factor of the validation score in [0, 1); 0 means none.
-        max_dendrites: the most dendrites per neuron; at this count a plateau ends the run.
-        max_tries: fresh-init attempts for a dendrite set that never beats the best, before ``done``.
+        max_dendrites: the most dendrites per neuron; a kept set that reaches it ends the run.
+        max_tries: attempts (fresh initialisations) of a dendrite set whose trial fails, before ``done``.
         max_epochs: optional hard cap on controller steps; reaching it ends the run on the best weights.
         dendrite_training: ``"gd"`` (dendrites trained by backprop with everything else) or
             ``"correlation"`` (Perforated Backpropagation: at each switch the model is frozen and candidate
@@ -192,9 +197,11 @@ class GrowthConfig:
         candidate_max_epochs: cap on a candidate phase's length; default: as long as the neuron phase
             before it.
         candidate_pool: candidates per layer; the best-correlated one is installed.
+        candidate_init_scale: initialisation scale of correlation candidates (None: the layer's
+            ``DendriteConfig.init_scale``); larger values start their sigmoids outside the linear range.
         correlation_warning: warn about layers whose best candidate's mean |correlation| stays below this.
-        seed: if set, dendrite initialisation draws from a generator seeded from it and the growth
-            count, so reruns (and every rank of a distributed run) grow identical dendrites.
+        seed: if set (an int in [0, 2**32)), dendrite initialisation draws from a generator seeded from it
+            and the growth count, so reruns (and every rank of a distributed run) grow identical dendrites.
 
     Example:
         >>> import torch_dendrites as td
@@ -205,6 +212,8 @@ class GrowthConfig:
     mode: str = "plateau"
     patience: int = 5
     switch_every: int = 10
+    trial_warmup: int = 3
+    trial_max_epochs: Optional[int] = 30
     maximize: bool = True
     improvement_rel: float = 1e-4
     improvement_abs: float = 0.0
@@ -218,6 +227,7 @@ class GrowthConfig:
     candidate_improvement: float = 0.01
     candidate_max_epochs: Optional[int] = None
     candidate_pool: int = 1
+    candidate_init_scale: Optional[float] = None
     correlation_warning: float = 0.01
 
     def __post_init__(self) -> None:
@@ -225,6 +235,13 @@ class GrowthConfig:
             raise ConfigError(f"mode={self.mode!r} is unknown; choose one of {list(GROWTH_MODES)}.")
         _check_int("patience", self.patience, 1)
         _check_int("switch_every", self.switch_every, 1)
+        _check_int("trial_warmup", self.trial_warmup, 1)
+        _check_int("trial_max_epochs", self.trial_max_epochs, 1, allow_none=True)
+        if self.trial_max_epochs is not None and self.trial_max_epochs < self.trial_warmup:
+            raise ConfigError(
+                f"trial_max_epochs={self.trial_max_epochs} is shorter than trial_warmup={self.trial_warmup}; a "
+                "trial cannot end before its warm-up. Raise trial_max_epochs or lower trial_warmup."
+            )
         if not isinstance(self.maximize, bool):
             raise ConfigError(f"maximize={self.maximize!r} must be True (accuracy) or False (loss).")
         _check_float("improvement_rel", self.improvement_rel, 0.0, 1.0)
@@ -234,6 +251,8 @@ class GrowthConfig:
         _check_int("max_tries", self.max_tries, 1)
         _check_int("max_epochs", self.max_epochs, 1, allow_none=True)
         _check_int("seed", self.seed, 0, allow_none=True)
+        if self.seed is not None and self.seed >= SEED_LIMIT:
+            raise ConfigError(f"seed={self.seed!r} must be below 2**32; pass a smaller int (e.g. seed % 2**32).")
         if self.dendrite_training not in DENDRITE_TRAINING:
             raise ConfigError(
                 f"dendrite_training={self.dendrite_training!r} is unknown; choose one of {list(DENDRITE_TRAINING)}."
@@ -242,6 +261,10 @@ class GrowthConfig:
         _check_float("candidate_improvement", self.candidate_improvement, 0.0, math.inf, hi_open=True)
         _check_int("candidate_max_epochs", self.candidate_max_epochs, 1, allow_none=True)
         _check_int("candidate_pool", self.candidate_pool, 1)
+        if self.candidate_init_scale is not None:
+            _check_float("candidate_init_scale", self.candidate_init_scale, 0.0, math.inf, hi_open=True)
+            if self.candidate_init_scale <= 0:
+                raise ConfigError(f"candidate_init_scale={self.candidate_init_scale!r} must be > 0 or None.")
         _check_float("correlation_warning", self.correlation_warning, 0.0, 1.0)
 
     def to_dict(self) -> dict:

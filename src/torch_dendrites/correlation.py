@@ -17,11 +17,14 @@ gains are zero and frozen), so the model's function is unchanged; their gradient
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
+from torch import nn
 
-__all__ = ["CorrelationStats", "candidate_tap"]
+from .errors import StateError
+
+__all__ = ["CandidatePhase", "CorrelationStats", "candidate_tap", "checksum"]
 
 
 def _channel_sum(t: torch.Tensor, c_axis: int) -> torch.Tensor:
@@ -44,6 +47,8 @@ class CorrelationStats:
     def __init__(self, num_candidates: int, num_neurons: int, device: torch.device):
         self.shape = (num_candidates, num_neurons)
         self.device = device
+        # Called at every backward through the candidates (the candidate phase fills zero gradients there).
+        self.on_backward: Optional[Callable[[], None]] = None
         self.reset()
 
     def reset(self) -> None:
@@ -102,6 +107,8 @@ class _CorrelationTap(torch.autograd.Function):
     def backward(ctx, g):
         (s,) = ctx.saved_tensors
         p, st = ctx.p, ctx.stats
+        if st.on_backward is not None:
+            st.on_backward()
         st.update(s, g, p)
         tail = (1,) * (g.dim() - p - 1)
         mean_e, std_e = st.error_mean_std()
@@ -134,3 +141,165 @@ def candidate_tap(dendrites, out: torch.Tensor, s: Optional[torch.Tensor], p: in
         z = z + (u * s.detach().unsqueeze(p)).sum(p + 1)
     act = torch.sigmoid if dendrites.activation == "sigmoid" else torch.tanh
     return _CorrelationTap.apply(out, act(z), dendrites.correlation, p)
+
+
+def checksum(tensors: List[torch.Tensor]) -> List[float]:
+    """One float64 sum per tensor: equal iff (in practice) nothing wrote into it; no copy is kept."""
+    with torch.no_grad():
+        return [float(t.detach().double().sum()) + float(t.detach().double().abs().sum()) for t in tensors]
+
+
+FROZEN_FIX = (
+    "build the optimizer over the trainable parameters only ([p for p in model.parameters() if p.requires_grad]) "
+    "and rebuild it (or call td.sync_optimizer) at every step that returns restructured=True, so that no weight "
+    "decay or momentum reaches frozen parameters"
+)
+
+
+class CandidatePhase:
+    """The model-wide part of a candidate phase: what is frozen, and the candidates of every layer.
+
+    At :meth:`start` every trainable parameter is frozen (``requires_grad=False``; its previous state is
+    recorded) and normalisation layers stop updating their running statistics, so the model computes
+    exactly what it did; each layer's candidates are attached. During the phase, frozen parameters receive
+    zero gradients at every backward through the candidates, so that loops which read every ``p.grad`` keep
+    working; :meth:`check_frozen` tells whether an optimizer moved them anyway. :meth:`install` makes the best
+    candidate of each layer a dendrite and unfreezes; :meth:`end` discards the candidates and unfreezes.
+
+    Args:
+        owner: anything with a ``model`` attribute (the model may be replaced, e.g. by ``td.load``).
+        layers: ``fn() -> {path: DendriticLayer}``, the model's dendritic layers now (their stacks hold
+            candidates: ``dendrite_type="cascade"``).
+    """
+
+    def __init__(self, owner: Any, layers: Callable[[], Dict[str, nn.Module]]):
+        self._owner = owner
+        self._layers = layers
+        self.trainable_before: List[str] = []
+        self.norm_momenta: Dict[str, Optional[float]] = {}
+        self._frozen: List[torch.Tensor] = []
+        self._sums: List[float] = []
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        return {"trainable_before": list(self.trainable_before), "norm_momenta": dict(self.norm_momenta)}
+
+    def resume(self, state: Dict[str, Any]) -> None:
+        """Re-freeze a model loaded in the middle of a candidate phase (its candidates already attached).
+
+        The reference sums of the frozen weights are taken at the next :meth:`check_frozen`: a loader may
+        copy the saved weights in after this call.
+        """
+        self.trainable_before = list(state["trainable_before"])
+        self.norm_momenta = dict(state["norm_momenta"])
+        self._freeze()
+        self._sums = None
+
+    @property
+    def model(self) -> nn.Module:
+        return self._owner.model
+
+    @property
+    def layers(self) -> Dict[str, nn.Module]:
+        return self._layers()
+
+    @property
+    def active(self) -> bool:
+        return any(len(layer.dendrites.candidates) for layer in self.layers.values())
+
+    # ------------------------------------------------------------------ phase
+    def build(self, pool: int, generator: Optional[torch.Generator], scale: Optional[float], counts: Dict[str, int]):
+        """Every layer's ``pool`` new candidates, built (nothing attached yet); ``counts`` are the dendrites
+        each layer will have when they are attached."""
+        return {
+            name: layer.dendrites.new_candidates(pool, generator, index=counts[name], scale=scale)
+            for name, layer in self.layers.items()
+        }
+
+    def start(self, built: Dict[str, list]) -> None:
+        """Attach the candidates ``built`` by :meth:`build` and freeze everything else."""
+        self.trainable_before = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        self.norm_momenta = {
+            n: m.momentum for n, m in self.model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+        }
+        for name, layer in self.layers.items():
+            layer.dendrites.attach_candidates(built[name])
+        self._freeze()
+
+    def _candidate_ids(self) -> set:
+        return {id(p) for layer in self.layers.values() for p in layer.dendrites.candidates.parameters()}
+
+    def _freeze(self) -> None:
+        cand = self._candidate_ids()
+        params = dict(self.model.named_parameters())
+        for p in self.model.parameters():
+            if id(p) not in cand:
+                p.requires_grad_(False)
+        modules = dict(self.model.named_modules())
+        for name in self.norm_momenta:
+            modules[name].momentum = 0.0  # running statistics stay exactly as they were
+        # Zero gradients go to what this phase froze (and to the candidates' frozen output gains), not to
+        # parameters the user had frozen before.
+        self._frozen = [params[n] for n in self.trainable_before if n in params and id(params[n]) not in cand]
+        self._frozen += [
+            p for layer in self.layers.values() for p in layer.dendrites.candidates.parameters() if not p.requires_grad
+        ]
+        self._sums = checksum(self._frozen)
+        for layer in self.layers.values():
+            if layer.dendrites.correlation is not None:
+                layer.dendrites.correlation.on_backward = self.fill_grads
+
+    def fill_grads(self) -> None:
+        for p in self._frozen:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+    def check_frozen(self) -> None:
+        """Raise :class:`StateError` if an optimizer moved a parameter this phase froze."""
+        if self._sums is None:  # just resumed: these weights are the reference
+            self._sums = checksum(self._frozen)
+        elif self._frozen and checksum(self._frozen) != self._sums:
+            raise StateError(f"an optimizer changed parameters frozen for the candidate phase; {FROZEN_FIX}.")
+
+    def scores(self) -> Dict[str, float]:
+        """Each layer's best candidate score this epoch (mean |correlation| over its neurons)."""
+        out = {}
+        for name, layer in self.layers.items():
+            stats = layer.dendrites.correlation
+            out[name] = float(stats.scores().max()) if stats is not None and stats.n > 0 else 0.0
+        return out
+
+    def reset_epoch(self) -> None:
+        for layer in self.layers.values():
+            layer.dendrites.correlation.reset()  # a fresh epoch-long covariance
+
+    def install(self, warning: float) -> List[str]:
+        """Install the best-correlated candidate of every layer; unfreeze. Returns the weakly correlated layers."""
+        weak = []
+        for name, layer in self.layers.items():
+            stats = layer.dendrites.correlation
+            scores = stats.scores() if stats.n > 0 else torch.zeros(len(layer.dendrites.candidates))
+            best = int(scores.argmax())
+            if float(scores[best]) < warning:
+                weak.append(f"{name} ({float(scores[best]):.4f})")
+            layer.dendrites.install_candidate(best)
+        self._unfreeze()
+        return weak
+
+    def end(self) -> None:
+        """Discard the candidates and unfreeze."""
+        for layer in self.layers.values():
+            layer.dendrites.clear_candidates()
+        self._unfreeze()
+
+    def _unfreeze(self) -> None:
+        for p in self._frozen:
+            p.grad = None  # the zero gradients were only for the phase
+        params = dict(self.model.named_parameters())
+        for name in self.trainable_before:
+            if name in params:
+                params[name].requires_grad_(True)
+        modules = dict(self.model.named_modules())
+        for name, momentum in self.norm_momenta.items():
+            modules[name].momentum = momentum
+        self.trainable_before, self.norm_momenta, self._frozen, self._sums = [], {}, [], []

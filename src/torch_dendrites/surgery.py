@@ -9,16 +9,26 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from .config import DendriteConfig, name_matches
-from .errors import ConfigError, TargetError, UnsupportedModuleError
-from .layer import DendriticLayer, spec_for, spec_for_type, supported_types
+from .dendrites import make_dendrites
+from .errors import CheckpointError, ConfigError, TargetError, UnsupportedModuleError
+from .layer import DendriticLayer
+from .specs import LayerSpec, spec_for, spec_for_type, supported_types
 
-__all__ = ["add_dendrites", "remove_dendrites", "grow", "summary", "dendritic_layers", "Summary"]
+__all__ = [
+    "add_dendrites",
+    "remove_dendrites",
+    "grow",
+    "summary",
+    "dendritic_layers",
+    "load_base_state_dict",
+    "Summary",
+]
 
 # Parents that read some children's weights directly instead of calling them: a wrapper there would be
 # silently bypassed, so those children are skipped and reported.
@@ -30,6 +40,31 @@ _DIRECT_WEIGHT_READERS = {
 _FAST_PATH_PARENTS = (nn.TransformerEncoderLayer,)
 
 _RECORD = "_dendrite_record"
+
+# Layer types with no dendrite handler that users of dendrite libraries expect: listed in td.summary with why.
+_RECURRENT_WHY = (
+    "not supported: {name} computes its gates inside one fused recurrent kernel, so there is no per-gate "
+    "pre-activation to add dendrites to; the library does not re-implement the recurrence (wrap the Linear "
+    "layers before and after it instead)"
+)
+_UNSUPPORTED = {
+    nn.LSTM: _RECURRENT_WHY,
+    nn.GRU: _RECURRENT_WHY,
+    nn.RNN: _RECURRENT_WHY,
+    nn.LSTMCell: _RECURRENT_WHY,
+    nn.GRUCell: _RECURRENT_WHY,
+    nn.RNNCell: _RECURRENT_WHY,
+    nn.EmbeddingBag: "not supported: {name} sums or averages a bag of rows inside one kernel (nn.Embedding is "
+    "supported when named in target_types or target_names)",
+}
+
+
+def _unsupported_reason(module: nn.Module) -> Optional[str]:
+    for cls, why in _UNSUPPORTED.items():
+        if isinstance(module, cls):
+            return why.format(name=f"nn.{cls.__name__}")
+    return None
+
 
 # Zero-config defaults for Hugging Face models: task heads are left alone unless named explicitly.
 _HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "head")
@@ -69,6 +104,13 @@ def _zero_config_policy(model: nn.Module):
     return None
 
 
+class _Missing:
+    """A _Record.restore value: the attribute did not exist before, so removal deletes it."""
+
+
+MISSING = _Missing()
+
+
 @dataclass
 class _Record:
     """What add_dendrites did to a model, kept on the model so remove/summary/save can use it."""
@@ -77,6 +119,13 @@ class _Record:
     skipped: Dict[str, str] = field(default_factory=dict)
     # (object, attribute, original value) to set back on removal.
     restore: List[Tuple[nn.Module, str, object]] = field(default_factory=list)
+    # Functions to call on removal (hooks the integrations installed).
+    on_remove: List[Callable[[], None]] = field(default_factory=list)
+    # A weak reference to the GrowthController a framework callback attached (its checkpoints carry its state),
+    # and a function giving the controller that a checkpoint being loaded restores.
+    controller: object = None
+    restore_target: object = None
+    load_hook: bool = False
 
 
 def _fast_path_guard(module, args):
@@ -112,6 +161,21 @@ def _explicit_name_match(paths: List[str], patterns) -> Optional[str]:
             if n == p or n.endswith("." + p):
                 return p
     return None
+
+
+def build_layer(
+    module: nn.Module,
+    spec: LayerSpec,
+    dendrite_type: str = "cascade",
+    activation: str = "sigmoid",
+    init_scale: float = 0.01,
+    neuron_axis: Optional[int] = None,
+    options: Optional[dict] = None,
+) -> DendriticLayer:
+    """A :class:`DendriticLayer` around ``module`` with an empty stack of ``dendrite_type`` (nothing is attached
+    to any model)."""
+    stack = make_dendrites(dendrite_type, module, spec, activation=activation, init_scale=init_scale, **(options or {}))
+    return DendriticLayer(module, spec, stack, neuron_axis=neuron_axis)
 
 
 def add_dendrites(model: nn.Module, config: Optional[DendriteConfig] = None) -> nn.Module:
@@ -177,6 +241,9 @@ def add_dendrites(model: nn.Module, config: Optional[DendriteConfig] = None) -> 
                     f"td.register_layer_type({type(module).__name__}, ...)."
                 )
         if spec is None:
+            unsupported = _unsupported_reason(module)
+            if unsupported is not None and ancestor is None:
+                skipped[name] = unsupported
             continue
         if ancestor is not None:
             skipped[name] = f"inside wrapped layer '{ancestor}'"
@@ -202,6 +269,8 @@ def add_dendrites(model: nn.Module, config: Optional[DendriteConfig] = None) -> 
             skipped[name] = f"not wrappable: {reader}"
             continue
         default_skip = policy(name, module) if policy is not None else None
+        if default_skip is None and not explicit and not spec.default_target:
+            default_skip = f"{type(module).__name__} layers are wrapped only when named (target_types or target_names)"
         if default_skip is not None:
             skipped[name] = f"default: {default_skip}"
             continue
@@ -228,9 +297,9 @@ def add_dendrites(model: nn.Module, config: Optional[DendriteConfig] = None) -> 
 
     # Build every wrapper before touching the model, so any failure leaves it as it was.
     wrappers = []
-    for module, _name in selected:
+    for module, name in selected:
         spec = spec_for(module)
-        layer = DendriticLayer(
+        layer = build_layer(
             module,
             spec,
             dendrite_type=cfg.dendrite_type,
@@ -239,6 +308,7 @@ def add_dendrites(model: nn.Module, config: Optional[DendriteConfig] = None) -> 
             neuron_axis=cfg.neuron_axis,
             options=cfg.dendrite_options,
         )
+        layer.path = name
         wrappers.append((module, layer))
     record = _Record(config=cfg, skipped=skipped)
     for module, layer in wrappers:
@@ -252,8 +322,26 @@ def add_dendrites(model: nn.Module, config: Optional[DendriteConfig] = None) -> 
             if any(isinstance(m, DendriticLayer) for m in enc.modules()):
                 record.restore.append((enc, "use_nested_tensor", enc.use_nested_tensor))
                 enc.use_nested_tensor = False
+    if any(type(m).__module__.startswith("peft.") for m in model.modules()):
+        from .integrations.peft import guard, tuner_layers
+
+        # peft's merge_and_unload()/unload() would fold or drop adapters that now carry dendrites: make them refuse.
+        inside = [n for n, t in tuner_layers(model) for a in ("lora_A", "lora_B") if _has_dendrites(getattr(t, a))]
+        if inside:
+            guard(model, record.restore)
     model.__dict__[_RECORD] = record
+    hf = type(model).__module__.startswith(("transformers.", "peft."))
+    if hf and callable(getattr(model, "save_pretrained", None)):
+        from .integrations.transformers import guard as guard_save
+
+        # model.save_pretrained (Trainer.save_model, checkpoints, push_to_hub) keeps the dendrites, and a stock
+        # from_pretrained of what it writes refuses instead of silently re-initialising the wrapped layers.
+        guard_save(model)
     return model
+
+
+def _has_dendrites(module: nn.Module) -> bool:
+    return any(isinstance(m, DendriticLayer) for m in module.modules())
 
 
 def _is_inside(name: str, ancestor: str) -> bool:
@@ -288,8 +376,13 @@ def remove_dendrites(model: nn.Module) -> nn.Module:
         for parent, attr in refs[id(layer)]:
             setattr(parent, attr, layer.base)
     if record is not None:
-        for obj, attr, old in record.restore:
-            setattr(obj, attr, old)
+        for obj, attr, old in reversed(record.restore):
+            if old is MISSING:
+                obj.__dict__.pop(attr, None)
+            else:
+                setattr(obj, attr, old)
+        for fn in record.on_remove:
+            fn()
         del model.__dict__[_RECORD]
     return model
 
@@ -320,6 +413,78 @@ def grow(model: nn.Module, generator: Optional[torch.Generator] = None) -> int:
     return sum(layer.grow(generator) for layer in layers)
 
 
+def load_base_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], strict: bool = True) -> nn.Module:
+    """Load a state dict saved *before* :func:`add_dendrites` (a plain ``model.state_dict()``, a Lightning
+    checkpoint's ``"state_dict"``, a pretrained file) into a wrapped model.
+
+    Wrapping moves each wrapped layer's weights under ``.base.`` (``fc1.weight`` becomes ``fc1.base.weight``),
+    so ``model.load_state_dict(old)`` fails; this helper renames the keys and loads. The dendrites keep their
+    current values (a plain state dict has none).
+
+    Args:
+        model: a model prepared with :func:`add_dendrites` (or a plain one: then it is ``load_state_dict``).
+        state_dict: the plain state dict. Keys of a DDP (``module.``) or compiled (``_orig_mod.``) model are
+            not renamed: strip those prefixes first.
+        strict: every key of ``state_dict`` must be used and every non-dendrite entry of the model filled.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        CheckpointError: with ``strict``, keys are missing or unexpected, or (always) shapes differ; the model
+            is left unchanged.
+
+    Example:
+        >>> import torch, torch_dendrites as td
+        >>> plain = torch.nn.Sequential(torch.nn.Linear(3, 2))
+        >>> saved = plain.state_dict()
+        >>> net = td.add_dendrites(torch.nn.Sequential(torch.nn.Linear(3, 2)))
+        >>> _ = td.grow(net)
+        >>> torch.equal(td.load_base_state_dict(net, saved)[0].base.weight, saved["0.weight"])
+        True
+    """
+    # Every path of every wrapped layer (a shared layer has several): "<path>." -> "<path>.base."
+    prefixes = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, DendriticLayer) and name:
+            prefixes[name + "."] = name + ".base."
+    dendrite_keys = set()
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, DendriticLayer):
+            dendrite_keys.update(f"{name}.dendrites.{k}" for k in module.dendrites.state_dict())
+    renamed = {}
+    for key, value in state_dict.items():
+        new = key
+        for old_prefix, new_prefix in prefixes.items():
+            if key.startswith(old_prefix) and not key.startswith(new_prefix):
+                new = new_prefix + key[len(old_prefix) :]
+                break
+        renamed[new] = value
+    expected = model.state_dict()
+    missing = sorted(k for k in expected if k not in renamed and k not in dendrite_keys)
+    unexpected = sorted(k for k in renamed if k not in expected)
+    shapes = [
+        f"{k}: given {tuple(v.shape)}, model {tuple(expected[k].shape)}"
+        for k, v in renamed.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if strict and missing:
+        problems.append(f"missing keys {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+    if strict and unexpected:
+        problems.append(f"unexpected keys {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
+    if shapes:
+        problems.append(f"shape mismatches {shapes[:6]}")
+    if problems:
+        raise CheckpointError(
+            "the state dict does not fit this model (after renaming wrapped layers' keys under '.base.'): "
+            + "; ".join(problems)
+            + ". Pass strict=False to load the keys that fit, or build the model the state dict was saved from."
+        )
+    model.load_state_dict({k: v for k, v in renamed.items() if k in expected}, strict=False)
+    return model
+
+
 def set_dendrite_counts(model: nn.Module, counts: Dict[str, int], generator: Optional[torch.Generator] = None):
     """Grow or truncate every wrapped layer to ``counts[path]`` (0 if absent).
 
@@ -342,29 +507,48 @@ def set_dendrite_counts(model: nn.Module, counts: Dict[str, int], generator: Opt
     return undo
 
 
-def _param_counts(model: nn.Module) -> Tuple[int, int]:
+def _param_counts(model: nn.Module) -> Dict[str, int]:
+    """Parameter counts (shared parameters once): base vs dendrites, each split into trainable and frozen."""
     dendrite_ids = {id(p) for layer in dendritic_layers(model).values() for p in layer.dendrite_parameters()}
-    base = dend = 0
+    counts = dict.fromkeys(("base", "dendrites", "base_trainable", "dendrites_trainable"), 0)
     for p in model.parameters():
-        if id(p) in dendrite_ids:
-            dend += p.numel()
-        else:
-            base += p.numel()
-    return base, dend
+        kind = "dendrites" if id(p) in dendrite_ids else "base"
+        counts[kind] += p.numel()
+        if p.requires_grad:
+            counts[f"{kind}_trainable"] += p.numel()
+    return counts
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100.0 * part / whole:.2f}%" if whole else "0.00%"
 
 
 @dataclass
 class Summary:
-    """What :func:`summary` reports; ``str()`` renders it as a table."""
+    """What :func:`summary` reports; ``str()`` renders it as a table.
+
+    "Base" parameters are every parameter that is not a dendrite's (the model's own, and adapters such as
+    LoRA); each kind is split into trainable (``requires_grad``) and frozen.
+    """
 
     wrapped: List[dict]
     skipped: List[dict]
     base_parameters: int
     dendrite_parameters: int
+    trainable_base_parameters: int = 0
+    trainable_dendrite_parameters: int = 0
 
     @property
     def total_parameters(self) -> int:
         return self.base_parameters + self.dendrite_parameters
+
+    @property
+    def trainable_parameters(self) -> int:
+        return self.trainable_base_parameters + self.trainable_dendrite_parameters
+
+    @property
+    def frozen_parameters(self) -> int:
+        return self.total_parameters - self.trainable_parameters
 
     def to_dict(self) -> dict:
         return {
@@ -372,6 +556,10 @@ class Summary:
             "skipped": self.skipped,
             "base_parameters": self.base_parameters,
             "dendrite_parameters": self.dendrite_parameters,
+            "trainable_base_parameters": self.trainable_base_parameters,
+            "trainable_dendrite_parameters": self.trainable_dendrite_parameters,
+            "trainable_parameters": self.trainable_parameters,
+            "frozen_parameters": self.frozen_parameters,
         }
 
     def __str__(self) -> str:
@@ -390,15 +578,22 @@ class Summary:
         for reason, names in groups.items():
             shown = ", ".join(names[:3]) + (f", ... ({len(names)} layers)" if len(names) > 3 else "")
             lines.append(f"not wrapped: {shown}: {reason}")
+        total = self.total_parameters
         lines.append(
-            f"parameters: base {self.base_parameters:,}, dendrites {self.dendrite_parameters:,}, "
-            f"total {self.total_parameters:,}"
+            f"parameters: base {self.base_parameters:,}, dendrites {self.dendrite_parameters:,}, total {total:,} "
+            f"(dendrites {_pct(self.dendrite_parameters, total)})"
+        )
+        lines.append(
+            f"trainable: {self.trainable_parameters:,} ({_pct(self.trainable_parameters, total)}): base "
+            f"{self.trainable_base_parameters:,}, dendrites {self.trainable_dendrite_parameters:,}; frozen: "
+            f"{self.frozen_parameters:,} ({_pct(self.frozen_parameters, total)})"
         )
         return "\n".join(lines)
 
 
 def summary(model: nn.Module) -> Summary:
-    """What was wrapped, what was not and why, dendrites per layer, base vs dendrite parameter counts.
+    """What was wrapped, what was not and why, dendrites per layer, base vs dendrite parameter counts, and
+    the trainable/frozen split (a peft model's LoRA adapters count as trainable base parameters).
 
     Example:
         >>> import torch, torch_dendrites as td
@@ -428,5 +623,12 @@ def summary(model: nn.Module) -> Summary:
             skipped.append(
                 {"name": name, "type": type(m).__name__ if m is not None else "?", "reason": record.skipped[name]}
             )
-    base, dend = _param_counts(model)
-    return Summary(wrapped=wrapped, skipped=skipped, base_parameters=base, dendrite_parameters=dend)
+    c = _param_counts(model)
+    return Summary(
+        wrapped=wrapped,
+        skipped=skipped,
+        base_parameters=c["base"],
+        dendrite_parameters=c["dendrites"],
+        trainable_base_parameters=c["base_trainable"],
+        trainable_dendrite_parameters=c["dendrites_trainable"],
+    )

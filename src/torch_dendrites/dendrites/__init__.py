@@ -30,11 +30,13 @@ Example:
 from __future__ import annotations
 
 import inspect
-from typing import Dict, Type
+from typing import Type
 
 from torch import nn
 
 from ..errors import ConfigError
+from ..registry import DENDRITE_TYPES
+from .base import DendriteStack
 from .cascade import CascadeDendrites
 from .gated import GatedDendrites, dendrite_context
 from .lowrank import LowRankDendrites
@@ -42,6 +44,7 @@ from .sparse import SparseDendrites, SparseLinearDendrites
 
 __all__ = [
     "CascadeDendrites",
+    "DendriteStack",
     "GatedDendrites",
     "LowRankDendrites",
     "SparseDendrites",
@@ -52,41 +55,55 @@ __all__ = [
     "register_dendrite_type",
 ]
 
-_TYPES: Dict[str, Type[nn.Module]] = {
-    "cascade": CascadeDendrites,
-    "lowrank": LowRankDendrites,
-    "sparse": SparseDendrites,
-    "sparse_linear": SparseLinearDendrites,
-    "gated": GatedDendrites,
-}
+for _name, _cls in (
+    ("cascade", CascadeDendrites),
+    ("lowrank", LowRankDendrites),
+    ("sparse", SparseDendrites),
+    ("sparse_linear", SparseLinearDendrites),
+    ("gated", GatedDendrites),
+):
+    DENDRITE_TYPES.register(_name, _cls)
 # Constructor arguments every type receives from the library itself (not dendrite_options).
 _FIXED = ("self", "base", "spec", "activation", "init_scale")
 
 
-def register_dendrite_type(name: str, cls: Type[nn.Module]) -> None:
-    """Make ``DendriteConfig(dendrite_type=name)`` build ``cls`` (see the module docstring for its interface)."""
+def register_dendrite_type(name: str, cls: Type[DendriteStack], override: bool = False) -> Type[DendriteStack]:
+    """Make ``DendriteConfig(dendrite_type=name)`` build ``cls``, a :class:`DendriteStack` subclass (see the
+    module docstring for its interface).
+
+    Args:
+        name: the type's name in configs and saved recipes.
+        cls: the stack class.
+        override: replace a type registered before under ``name`` (otherwise that raises ConfigError).
+
+    Returns:
+        ``cls`` (so it can be used as a decorator's body).
+    """
     if not isinstance(name, str) or not name:
         raise ConfigError(f"dendrite type name {name!r} must be a non-empty string.")
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ConfigError(f"dendrite type {cls!r} must be an nn.Module subclass.")
-    _TYPES[name] = cls
+    if not (isinstance(cls, type) and issubclass(cls, DendriteStack)):
+        raise ConfigError(
+            f"dendrite type {cls!r} must be a subclass of torch_dendrites.dendrites.DendriteStack (it provides the "
+            "bookkeeping every type needs: units, truncate, grow from new_unit)."
+        )
+    return DENDRITE_TYPES.register(name, cls, override=override)
 
 
 def dendrite_type_names():
-    return tuple(_TYPES)
+    return DENDRITE_TYPES.names()
 
 
 def dendrite_options(name: str):
     """The option names ``dendrite_type=name`` accepts in ``dendrite_options``, or None if it takes any."""
-    params = inspect.signature(_TYPES[name].__init__).parameters.values()
+    params = inspect.signature(DENDRITE_TYPES.get(name).__init__).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
     return [p.name for p in params if p.name not in _FIXED and p.kind is not inspect.Parameter.VAR_POSITIONAL]
 
 
 def make_dendrites(name: str, base: nn.Module, spec, **kwargs) -> nn.Module:
-    if name not in _TYPES:
-        raise ConfigError(f"dendrite_type={name!r} is unknown; choose one of {sorted(_TYPES)}.")
+    if name not in DENDRITE_TYPES:
+        raise ConfigError(f"dendrite_type={name!r} is unknown; choose one of {sorted(DENDRITE_TYPES.names())}.")
     accepted = dendrite_options(name)
     if accepted is not None:
         unknown = sorted(k for k in kwargs if k not in accepted and k not in _FIXED)
@@ -95,4 +112,4 @@ def make_dendrites(name: str, base: nn.Module, spec, **kwargs) -> nn.Module:
                 f"dendrite_options {unknown} are not options of dendrite_type={name!r}; it accepts "
                 f"{accepted or 'none'}."
             )
-    return _TYPES[name](base, spec, **kwargs)
+    return DENDRITE_TYPES.get(name)(base, spec, **kwargs)

@@ -13,10 +13,10 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from ..errors import ConfigError, StateError
-from ..layer import _uniform as uniform  # U(-bound, bound) drawn on the CPU: the same dendrites on every rank
+from .._tensors import uniform  # U(-bound, bound) drawn on the CPU: the same dendrites on every rank
+from ..errors import ConfigError, StateError, UnsupportedModuleError
 
-__all__ = ["DendriteStack", "check_int", "check_number", "check_choice", "uniform"]
+__all__ = ["DendriteStack", "check_choice", "check_int", "check_number", "uniform"]
 
 
 def check_int(type_name: str, option: str, value: Any, minimum: int) -> int:
@@ -48,8 +48,8 @@ def check_choice(type_name: str, option: str, value: Any, choices: Sequence[str]
 class DendriteStack(nn.Module):
     """Base class of the dendrite stacks.
 
-    Subclasses set ``type_name`` and implement ``grow(generator) -> int`` and
-    ``forward(y, neuron_axis, *layer_args, **layer_kwargs)``.
+    Subclasses set ``type_name`` and implement ``new_unit(generator, index) -> nn.Module`` (one new dendrite,
+    not yet attached, that adds nothing to the output) and ``forward(y, neuron_axis, *layer_args, **layer_kwargs)``.
     """
 
     type_name = "?"
@@ -80,6 +80,20 @@ class DendriteStack(nn.Module):
             if p.is_floating_point():
                 return p
         return torch.empty(0)
+
+    def new_unit(self, generator: Optional[torch.Generator] = None, index: Optional[int] = None) -> nn.Module:
+        """Build (not attach) one more dendrite for every neuron; every random draw from ``generator``.
+
+        ``index`` is the position the unit will take (default: after the installed ones). Building and
+        attaching are apart so that growing a whole model can build every new unit before changing any layer.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement new_unit(generator, index)")
+
+    def grow(self, generator: Optional[torch.Generator] = None) -> int:
+        """Add one dendrite to every neuron (the output is unchanged). Returns the parameters added."""
+        unit = self.new_unit(generator)
+        self.units.append(unit)
+        return sum(p.numel() for p in unit.parameters())
 
     def truncate(self, k: int) -> None:
         while len(self.units) > k:
@@ -115,39 +129,17 @@ class DendriteStack(nn.Module):
             f"called with {len(args)} positional and {len(kwargs)} keyword arguments."
         )
 
+    def _layer_algebra(self) -> tuple:
+        """The wrapped layer's fan-in shape and input groups, for types that build their own weights; refuses
+        (naming this type) layers whose spec gives no algebra."""
+        base = self._base[0]
+        try:
+            return tuple(self.spec.fan_in_shape(base)), int(self.spec.groups(base))
+        except UnsupportedModuleError as exc:
+            raise UnsupportedModuleError(
+                f"dendrite_type={self.type_name!r} cannot wrap {type(base).__name__}: {exc} Leave that layer out "
+                "(DendriteConfig(exclude=[...]) or target_types)."
+            ) from None
+
     def extra_repr(self) -> str:
         return f"num_dendrites={self.num_dendrites}, num_neurons={self.num_neurons}"
-
-
-_HF_CONV1D = "transformers.pytorch_utils.Conv1D"
-SUPPORTED_LAYERS = "nn.Linear, nn.Conv1d/2d/3d and Hugging Face's GPT-2 Conv1D"
-
-
-def layer_kind(type_name: str, base: nn.Module) -> str:
-    """``"linear"`` (``nn.Linear``), ``"hf_conv1d"`` (weight stored ``[in, out]``) or ``"conv"``.
-
-    Types that build their own dendrite weights need to know the layer's algebra, not just its shapes, so
-    they support the built-in layer types only (custom types registered with ``register_layer_type`` work
-    with the cascade and gated types).
-    """
-    if isinstance(base, nn.Linear):
-        return "linear"
-    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return "conv"
-    if any(f"{c.__module__}.{c.__qualname__}" == _HF_CONV1D for c in type(base).__mro__):
-        return "hf_conv1d"
-    from ..errors import UnsupportedModuleError
-
-    raise UnsupportedModuleError(
-        f"dendrite_type={type_name!r} supports {SUPPORTED_LAYERS}, not {type(base).__name__}; leave that layer "
-        "out (DendriteConfig(exclude=[...]) or target_types) or use dendrite_type='cascade' or 'gated'."
-    )
-
-
-def fan_in_shape(kind: str, base: nn.Module) -> tuple:
-    """The shape of one neuron's inputs: ``(in_features,)``, or ``(in_channels / groups, *kernel)``."""
-    if kind == "linear":
-        return (base.in_features,)
-    if kind == "hf_conv1d":
-        return (base.weight.shape[0],)
-    return tuple(base.weight.shape[1:])

@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..correlation import CorrelationStats, candidate_tap
 from ..errors import StateError
 from .base import DendriteStack
 
@@ -30,6 +31,10 @@ def _gain_sum(t: torch.Tensor, p: int) -> torch.Tensor:
     """Reduce ``[..., k, C, ...]`` (dendrite axis ``p``, channel axis ``p + 1``) to ``[k, C]``."""
     dims = [d for d in range(t.dim()) if d not in (p, p + 1)]
     return t.sum(dims) if dims else t
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 def _cascade_reference(a, y, v, p, activation, u):
@@ -139,32 +144,40 @@ class CascadeDendrites(DendriteStack):
     type_name = "cascade"
     # The growth controller's correlation training (candidates) drives this type only.
     supports_correlation = True
+    # Dendrites run through the layer spec's batched_forward (a new spec is tried once, see LayerSpec.trusted).
+    uses_layer_spec = True
 
     def __init__(self, base: nn.Module, spec, activation: str = "sigmoid", init_scale: float = 0.01):
         super().__init__(base, spec, activation=activation, init_scale=init_scale)
         self.param_names = spec.param_names(base)
         # self.candidates / self.correlation (CorrelationStats) are filled during a candidate phase
 
-    def _new_unit(self, generator: Optional[torch.Generator]) -> Dendrite:
-        weights = self.spec.init_params(self._base[0], self.init_scale, generator)
-        return Dendrite(weights, self.num_dendrites, self.num_neurons)
-
-    def grow(self, generator: Optional[torch.Generator] = None) -> int:
-        d = self._new_unit(generator)
-        self.units.append(d)
-        return sum(p.numel() for p in d.parameters())
+    def new_unit(
+        self, generator: Optional[torch.Generator] = None, index: Optional[int] = None, scale: Optional[float] = None
+    ) -> Dendrite:
+        """A new dendrite (not attached): the layer's default initialisation times ``scale`` (default
+        ``init_scale``), zero output gain, zero cascade gains from the ``index`` dendrites before it."""
+        weights = self.spec.init_params(self._base[0], self.init_scale if scale is None else scale, generator)
+        return Dendrite(weights, self.num_dendrites if index is None else index, self.num_neurons)
 
     # ------------------------------------------------------------- correlation candidates
-    def add_candidates(self, n: int, generator: Optional[torch.Generator] = None) -> None:
-        """Add ``n`` candidates (each wired to every installed dendrite); their output gains stay zero."""
-        from ..correlation import CorrelationStats
+    def new_candidates(
+        self, n: int, generator: Optional[torch.Generator] = None, index: Optional[int] = None, scale=None
+    ) -> list:
+        """Build (not attach) ``n`` candidates wired to the ``index`` dendrites before them."""
+        return [self.new_unit(generator, index, scale) for _ in range(n)]
 
-        for _ in range(n):
-            d = self._new_unit(generator)
+    def attach_candidates(self, candidates: list) -> None:
+        """Make ``candidates`` this layer's candidates: their output gains stay zero and frozen."""
+        for d in candidates:
             d.out_gain.requires_grad_(False)
-            self.candidates.append(d)
+        self.candidates = nn.ModuleList(candidates)
         device = next(self._base[0].parameters()).device
         self.correlation = CorrelationStats(len(self.candidates), self.num_neurons, device)
+
+    def add_candidates(self, n: int, generator: Optional[torch.Generator] = None, scale=None) -> None:
+        """Add ``n`` candidates (each wired to every installed dendrite); their output gains stay zero."""
+        self.attach_candidates(list(self.candidates) + self.new_candidates(n, generator, scale=scale))
 
     def install_candidate(self, index: int) -> int:
         """Make candidate ``index`` a dendrite: input weights frozen, output gain trainable. Returns its size."""
@@ -176,11 +189,28 @@ class CascadeDendrites(DendriteStack):
         self.clear_candidates()
         return sum(p.numel() for p in d.parameters())
 
+    def frozen_unit_parameters(self) -> list:
+        """The input weights of correlation-trained dendrites (frozen for good once installed)."""
+        return [
+            p
+            for d in self.units
+            if getattr(d, "correlation_trained", False)
+            for p in d.parameters()
+            if not p.requires_grad
+        ]
+
     # ------------------------------------------------------------- forward
     def forward(self, y: torch.Tensor, neuron_axis: int, *args: Any, **kwargs: Any) -> torch.Tensor:
         ds = list(self.units)
         k, c = len(ds), self.num_neurons
         p = self._check_axis(y, neuron_axis)
+        if self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # Frozen input weights of correlation-trained dendrites get zero gradients, so that loops which
+            # read every parameter's .grad (p.data.add_(p.grad, ...)) work; GrowthController.step checks
+            # that no optimizer moved them (weight decay, momentum).
+            for w in self.frozen_unit_parameters():
+                if w.grad is None:
+                    w.grad = torch.zeros_like(w)
         out, s = y, None
         if k:
             params = {n: [getattr(d, n) for d in ds] for n in self.param_names}
@@ -192,17 +222,16 @@ class CascadeDendrites(DendriteStack):
             a = a.to(dt)
             v = torch.stack([d.out_gain for d in ds]).to(dt)  # [k, C]
             u = [d.cascade_gain.to(dt) for d in ds[1:]]  # u[i-1]: [i, C]
-            if torch.compiler.is_compiling():
-                # Traced code (torch.compile, torch.export) gets plain ops, which the compiler fuses; the
-                # hand-written backward's in-place `out=` writes into slices do not trace.
+            if _tracing():
+                # Traced code (torch.compile, torch.export, ONNX export, torch.jit.trace) gets plain ops, which
+                # compilers fuse and exporters know; the hand-written backward's in-place `out=` writes into
+                # slices do not trace, and a Python autograd Function has no ONNX symbolic.
                 out, s = _cascade_reference(a.unflatten(p, (k, c)), y, v, p, self.activation, u)
             elif len(self.candidates):
                 out, s = _Cascade.apply(a.unflatten(p, (k, c)), y, v, p, self.activation, True, *u)
             else:  # s only feeds candidates: not returning it saves autograd work on every step
                 out = _Cascade.apply(a.unflatten(p, (k, c)), y, v, p, self.activation, False, *u)
         if len(self.candidates) and self.training and torch.is_grad_enabled():
-            from ..correlation import candidate_tap
-
             out = candidate_tap(self, out, s, p, args, kwargs)
         return out
 

@@ -122,13 +122,12 @@ class GatedDendrites(DendriteStack):
         # The context of the forward in progress; set only inside `dendrite_context`, never saved.
         self.context: Optional[torch.Tensor] = None
 
-    def grow(self, generator: Optional[torch.Generator] = None) -> int:
+    def new_unit(self, generator: Optional[torch.Generator] = None, index: Optional[int] = None) -> nn.Module:
         like = self._like()
         shape = (self.num_neurons, self.segments, self.context_dim)
-        full = self.first_gate == "full" and not len(self.units)
-        unit = GatedDendrite(uniform(shape, self.init_scale / math.sqrt(self.context_dim), like, generator), full)
-        self.units.append(unit)
-        return sum(p.numel() for p in unit.parameters())
+        position = len(self.units) if index is None else index
+        full = self.first_gate == "full" and position == 0
+        return GatedDendrite(uniform(shape, self.init_scale / math.sqrt(self.context_dim), like, generator), full)
 
     def gate(self, context: torch.Tensor) -> torch.Tensor:
         """The multiplicative gate ``[..., C]`` for a context ``[..., D]``."""

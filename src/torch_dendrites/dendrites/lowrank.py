@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ..errors import StateError
-from .base import DendriteStack, check_int, fan_in_shape, layer_kind, uniform
+from .base import DendriteStack, check_int, uniform
 from .cascade import _Cascade, _cascade_reference
 
 __all__ = ["LowRankDendrites", "LowRankDendrite", "apply_cascade"]
@@ -86,13 +86,11 @@ class LowRankDendrites(DendriteStack):
     type_name = "lowrank"
 
     def __init__(self, base: nn.Module, spec, activation: str = "sigmoid", init_scale: float = 0.01, rank: int = 4):
-        self.kind = layer_kind(self.type_name, base)  # refuses unsupported layers before any state is built
         super().__init__(base, spec, activation=activation, init_scale=init_scale)
+        self.fan_in_shape, self.groups = self._layer_algebra()  # refuses layers without the algebra
         self.rank = check_int(self.type_name, "rank", rank, 1)
-        self.groups = base.groups if self.kind == "conv" else 1
-        self.fan_in_shape = fan_in_shape(self.kind, base)
 
-    def grow(self, generator: Optional[torch.Generator] = None) -> int:
+    def new_unit(self, generator: Optional[torch.Generator] = None, index: Optional[int] = None) -> nn.Module:
         like = self._like()
         r, g, c = self.rank, self.groups, self.num_neurons
         fan_in = math.prod(self.fan_in_shape)
@@ -100,34 +98,21 @@ class LowRankDendrites(DendriteStack):
         in_proj = uniform((g * r, *self.fan_in_shape), 1.0 / math.sqrt(fan_in), like, generator)
         out_proj = uniform((c, r), self.init_scale / math.sqrt(r), like, generator)
         bias = uniform((c,), self.init_scale / math.sqrt(fan_in), like, generator)
-        unit = LowRankDendrite(in_proj, out_proj, bias, self.num_dendrites)
-        self.units.append(unit)
-        return sum(p.numel() for p in unit.parameters())
+        return LowRankDendrite(in_proj, out_proj, bias, self.num_dendrites if index is None else index)
 
     def _pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """All dendrites' ``B A x + b``, shaped like the layer output with ``k * C`` neurons (dendrite-major)."""
         units = list(self.units)
         k, r, c, g = len(units), self.rank, self.num_neurons, self.groups
-        bias = torch.cat([d.bias for d in units])  # [k*C]
-        out_proj = torch.stack([d.out_proj for d in units])  # [k, C, r]
-        if self.kind != "conv":
-            h = torch.nn.functional.linear(x, torch.cat([d.in_proj for d in units]))  # [..., k*r]
-            a = torch.einsum("...kr,kcr->...kc", h.unflatten(-1, (k, r)), out_proj)
-            return a.flatten(-2) + bias
-        base = self._base[0]
-        dims = len(self.fan_in_shape) - 1
-        unbatched = x.dim() == dims + 1
-        if unbatched:
-            x = x.unsqueeze(0)
-        # One grouped convolution for every dendrite's A: the stacked filters are ordered group-major, so
-        # output channel block j (k * r channels) reads input group j, as the layer's own filters do.
-        w = torch.stack([d.in_proj for d in units]).unflatten(1, (g, r)).transpose(0, 1).flatten(0, 2)
-        h = base._conv_forward(x, w, None)  # [N, g*k*r, *S]
-        h = h.unflatten(1, (g, k, r))
-        # B: per dendrite and group, r channels -> that group's C/g neurons (a 1x1 convolution).
-        a = torch.einsum("ngkr...,kgcr->nkgc...", h, out_proj.unflatten(1, (g, c // g)))
-        a = a.flatten(1, 3) + bias.view(-1, *(1,) * dims)
-        return a[0] if unbatched else a
+        base, spec = self._base[0], self.spec
+        # Every dendrite's A as one map of the layer's shape ([k, g*r, *fan_in]: r channels per input group).
+        h = spec.linear_maps(base, torch.stack([d.in_proj for d in units]), None, x)
+        p = spec.neuron_axis % h.dim()
+        h = h.movedim(p, -1).unflatten(-1, (k, g, r))
+        # B: per dendrite and group, r channels -> that group's C/g neurons (a 1x1 map), then the bias.
+        out_proj = torch.stack([d.out_proj for d in units]).unflatten(1, (g, c // g))  # [k, g, C/g, r]
+        a = torch.einsum("...kgr,kgcr->...kgc", h, out_proj).flatten(-3) + torch.cat([d.bias for d in units])
+        return a.movedim(-1, p)
 
     def forward(self, y: torch.Tensor, neuron_axis: int, *args: Any, **kwargs: Any) -> torch.Tensor:
         p = self._check_axis(y, neuron_axis)

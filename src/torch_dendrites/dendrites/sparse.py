@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, StateError
-from .base import DendriteStack, check_choice, check_int, check_number, fan_in_shape, layer_kind, uniform
+from .base import DendriteStack, check_choice, check_int, check_number, uniform
 
 __all__ = ["SparseDendrites", "SparseLinearDendrites", "SparseDendrite"]
 
@@ -122,9 +122,8 @@ class SparseDendrites(DendriteStack):
         input_shape: Optional[Sequence[int]] = None,
         negative_slope: float = 0.1,
     ):
-        self.kind = layer_kind(self.type_name, base)
         super().__init__(base, spec, activation=activation, init_scale=init_scale)
-        self.fan_in_shape = fan_in_shape(self.kind, base)
+        self.fan_in_shape, self.groups = self._layer_algebra()  # refuses layers without the algebra
         self.fan_in = math.prod(self.fan_in_shape)
         self.branch_inputs = min(check_int(self.type_name, "branch_inputs", branch_inputs, 1), self.fan_in)
         self.receptive = check_choice(self.type_name, "receptive", receptive, RECEPTIVE)
@@ -143,7 +142,6 @@ class SparseDendrites(DendriteStack):
                 )
         self.grid = tuple(input_shape) if input_shape is not None else self.fan_in_shape
         self.negative_slope = check_number(self.type_name, "negative_slope", negative_slope, 0.0, 1.0)
-        self.groups = base.groups if self.kind == "conv" else 1
 
     # ------------------------------------------------------------- connectivity
     def _draw_index(self, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -159,33 +157,23 @@ class SparseDendrites(DendriteStack):
         dist = torch.cdist(centre, coords) + 1e-3 * torch.rand(c, n, generator=generator)
         return dist.topk(k, dim=1, largest=False).indices.sort(dim=1).values
 
-    def grow(self, generator: Optional[torch.Generator] = None) -> int:
+    def new_unit(self, generator: Optional[torch.Generator] = None, index: Optional[int] = None) -> nn.Module:
         like = self._like()
         c, k = self.num_neurons, self.branch_inputs
         bound = self.init_scale / math.sqrt(k)
-        index = self._draw_index(generator).to(like.device)
+        index = self._draw_index(generator).to(like.device)  # connectivity (the unit's position is irrelevant)
         weight = uniform((c, k), bound, like, generator)
         bias = uniform((c,), bound, like, generator)
-        unit = SparseDendrite(weight, bias, index, self.fan_in)
-        self.units.append(unit)
-        return sum(p.numel() for p in unit.parameters())
+        return SparseDendrite(weight, bias, index, self.fan_in)
 
     # ------------------------------------------------------------- forward
     def _pre_activations(self, x: torch.Tensor, units) -> torch.Tensor:
         k, c = len(units), self.num_neurons
         weight = torch.cat([u.weight for u in units])
+        # Each branch's K weights scattered into a map of the layer's shape: one matmul / grouped conv for all.
         dense = weight.new_zeros(k * c, self.fan_in).scatter(1, torch.cat([u.index for u in units]), weight)
-        bias = torch.cat([u.bias for u in units])
-        if self.kind != "conv":
-            return F.linear(x, dense, bias)  # [..., k*C]
-        base, g = self._base[0], self.groups
-        # Grouped convolutions feed output channel o from input group o // (out / g): order the stacked
-        # filters group-major so each branch still reads its neuron's input group, then undo the order.
-        w = dense.view(k, g, c // g, *self.fan_in_shape).transpose(0, 1).flatten(0, 2)
-        b = bias.view(k, g, c // g).transpose(0, 1).flatten()
-        out = base._conv_forward(x, w, b)
-        ch = out.dim() - len(self.fan_in_shape)
-        return out.unflatten(ch, (g, k, c // g)).transpose(ch, ch + 1).flatten(ch, ch + 2)
+        bias = torch.stack([u.bias for u in units])
+        return self.spec.linear_maps(self._base[0], dense.view(k, c, *self.fan_in_shape), bias, x)
 
     def forward(self, y: torch.Tensor, neuron_axis: int, *args: Any, **kwargs: Any) -> torch.Tensor:
         p = self._check_axis(y, neuron_axis)

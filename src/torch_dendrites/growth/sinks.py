@@ -1,6 +1,14 @@
-"""Run records in ``out_dir``: ``history.csv``, ``architectures.csv`` and the ``growth.png`` figure.
+"""Where a growth run's records go: pluggable sinks called by the controller.
 
-CSV rows are appended per epoch (milliseconds); the figure is redrawn only at growth and at the end.
+A sink gets two calls per epoch: :meth:`Sink.on_best` when the epoch set a new best (before any growth
+action, so it sees the best epoch's structure; a failure there aborts the step with nothing changed), and
+:meth:`Sink.on_step` once the step is done. The controller builds the built-in sinks from its ``out_dir``
+and ``writer`` arguments; pass more with ``GrowthController(sinks=[...])``.
+
+- :class:`HistorySink`: ``history.csv`` (a row per epoch, appended) and ``architectures.csv``.
+- :class:`FigureSink`: ``growth.png``, redrawn only at growth, retry and the end.
+- :class:`BestCheckpointSink`: ``best/``, the best model, written with :func:`torch_dendrites.save`.
+- :class:`WriterSink`: TensorBoard-style scalars and event texts.
 """
 
 from __future__ import annotations
@@ -11,13 +19,30 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List
 
-__all__ = ["Reporter", "plot_history"]
+from ..persistence import save
 
-_BASE_COLUMNS = ["epoch", "phase", "dendrites", "parameters", "score", "smoothed", "best", "improved", "event"]
+__all__ = ["BestCheckpointSink", "FigureSink", "HistorySink", "Sink", "WriterSink", "plot_history"]
+
+# The history's own columns (extra scores may not take these names). ``kept`` is 1/0 on the step that ended a
+# dendrite set's trial; ``snapshot_bytes`` is the size of the best-weight copy held off the accelerator.
+BASE_COLUMNS = [
+    "epoch", "phase", "dendrites", "parameters", "score", "smoothed", "best", "improved", "event", "kept",
+    "snapshot_bytes",
+]  # fmt: skip
+
+
+class Sink:
+    """Base class of the controller's sinks (override either method; both default to nothing)."""
+
+    def on_best(self, controller: Any) -> None:
+        """The epoch set a new best; ``controller.model`` holds it (before any growth action)."""
+
+    def on_step(self, controller: Any, row: Dict[str, Any], event: str) -> None:
+        """The step is done: ``row`` is its history row, ``event`` its event (``""``, ``"grow"``, ...)."""
 
 
 def _columns(history: List[Dict[str, Any]]) -> List[str]:
-    cols = list(_BASE_COLUMNS)
+    cols = list(BASE_COLUMNS)
     for row in history:
         for k in row:
             if k not in cols:
@@ -34,14 +59,18 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-class Reporter:
-    """Writes a controller's records into one folder."""
+class HistorySink(Sink):
+    """``history.csv`` and ``architectures.csv`` in ``out_dir`` (CSV rows are appended: milliseconds)."""
 
     def __init__(self, out_dir: Path):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._written_rows = 0
         self._columns: List[str] = []
+
+    def on_step(self, controller: Any, row: Dict[str, Any], event: str) -> None:
+        self.write_history(controller.history)
+        self.write_architectures(controller.architectures)
 
     def write_history(self, history: List[Dict[str, Any]]) -> None:
         path = self.out_dir / "history.csv"
@@ -82,8 +111,54 @@ class Reporter:
         w.writerows(rows)
         _atomic_write_text(self.out_dir / "architectures.csv", buf.getvalue())
 
+
+class FigureSink(Sink):
+    """``growth.png`` in ``out_dir``, redrawn at growth, retry and the end only (a figure takes ~0.1 s)."""
+
+    EVENTS = ("grow", "retry", "done")
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = Path(out_dir)
+
+    def on_step(self, controller: Any, row: Dict[str, Any], event: str) -> None:
+        if event in self.EVENTS:
+            self.plot(controller.history)
+
     def plot(self, history: List[Dict[str, Any]]) -> Path:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         return plot_history(history, self.out_dir / "growth.png")
+
+
+class BestCheckpointSink(Sink):
+    """``out_dir/best``: the model at each new best, with :func:`torch_dendrites.save` (atomic)."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = Path(out_dir)
+
+    def on_best(self, controller: Any) -> None:
+        save(self.out_dir / "best", controller.model)
+
+
+class WriterSink(Sink):
+    """Scalars ``dendrites/score``, ``smoothed``, ``best``, ``count``, ``parameters`` and every extra score
+    through ``writer.add_scalar(tag, value, step)``; growth events through ``writer.add_text`` if it exists."""
+
+    def __init__(self, writer: Any):
+        self.writer = writer
+
+    def on_step(self, controller: Any, row: Dict[str, Any], event: str) -> None:
+        w, step = self.writer, row["epoch"]
+        w.add_scalar("dendrites/score", row["score"], step)
+        w.add_scalar("dendrites/smoothed", row["smoothed"], step)
+        if row["best"] is not None:
+            w.add_scalar("dendrites/best", row["best"], step)
+        w.add_scalar("dendrites/count", row["dendrites"], step)
+        w.add_scalar("dendrites/parameters", row["parameters"], step)
+        for k, v in row.items():
+            if k not in BASE_COLUMNS and isinstance(v, (int, float)):
+                w.add_scalar(f"dendrites/{k}", v, step)
+        if event and callable(getattr(w, "add_text", None)):
+            w.add_text("dendrites/event", f"epoch {step}: {event}", step)
 
 
 def _same_scale(values: List[float], ref: List[float]) -> bool:
@@ -103,7 +178,7 @@ def plot_history(history: List[Dict[str, Any]], path: Path) -> Path:
     epochs = [r["epoch"] for r in history]
     val = [r["score"] for r in history]
     extras = {}
-    for name in (c for c in _columns(history) if c not in _BASE_COLUMNS):
+    for name in (c for c in _columns(history) if c not in BASE_COLUMNS):
         pts = [(r["epoch"], r[name]) for r in history if r.get(name, "") != ""]
         if pts:
             extras[name] = pts

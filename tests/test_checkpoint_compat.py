@@ -1,0 +1,83 @@
+"""Folders written by format version 1 (the library before issue 13) still load, exactly.
+
+``tests/fixtures/v1_*`` were written by ``tests/fixtures/make_v1_fixtures.py`` with the code of commit
+d7d7942: a model with a controller, optimizer, scheduler, RNG and generator states, and a model with tied
+weights and low-rank dendrites. Their expected outputs were saved beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import torch_dendrites as td
+
+FIXTURES = Path(__file__).with_name("fixtures")
+sys.path.insert(0, str(FIXTURES))
+from make_v1_fixtures import Tied, mlp  # noqa: E402
+
+
+def test_v1_model_controller_and_training_state_load_exactly():
+    expect = load_file(str(FIXTURES / "v1_mlp.expected.safetensors"))
+    model = mlp()
+    ctl = td.GrowthController(td.add_dendrites(mlp()), td.GrowthConfig(mode="fixed", switch_every=2, seed=1))
+    td.remove_dendrites(ctl.model)
+    td.load(FIXTURES / "v1_mlp", model, ctl)
+    with torch.no_grad():
+        assert torch.equal(model(expect["x"]), expect["y"])
+    assert ctl.epoch == 3 and [r["score"] for r in ctl.history] == [0.5, 0.6, 0.55]
+    assert ctl.best_counts == {"0": 0, "2": 0}
+    assert sorted(ctl.best_state) == ["0.base.bias", "0.base.weight", "2.base.bias", "2.base.weight"]
+    opt = torch.optim.Adam(model.parameters(), lr=0.5)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.1)
+    gen = torch.Generator()
+    torch.manual_seed(0)
+    random.seed(0)
+    extra = td.persistence.load_training_state(
+        FIXTURES / "v1_mlp", optimizer=opt, scheduler=sched, rng=True, generators={"g": gen}
+    )
+    assert extra == {"e": 2}
+    assert torch.equal(torch.rand(3), expect["rng"]) and torch.equal(torch.rand(2, generator=gen), expect["gen"])
+    assert sched.state_dict()["step_size"] == 3 and opt.param_groups[0]["lr"] == 0.01
+    assert all(len(opt.state[p]) == 3 for p in model.parameters())
+
+
+def test_v1_tied_lowrank_model_loads_exactly():
+    expect = load_file(str(FIXTURES / "v1_tied.expected.safetensors"))
+    model = td.load(FIXTURES / "v1_tied", Tied())
+    assert model.proj.base.weight is model.emb.weight
+    with torch.no_grad():
+        assert torch.equal(model(expect["idx"]), expect["y"])
+
+
+def test_a_v1_folder_resaved_is_version_2_and_identical(tmp_path):
+    expect = load_file(str(FIXTURES / "v1_tied.expected.safetensors"))
+    model = td.load(FIXTURES / "v1_tied", Tied())
+    td.save(tmp_path / "v2", model)
+    recipe = json.loads((tmp_path / "v2" / "recipe.json").read_text())
+    assert recipe["format_version"] == 2 and len(recipe["save_id"]) == 32 and "model.safetensors" in recipe["files"]
+    with torch.no_grad():
+        assert torch.equal(td.load(tmp_path / "v2", Tied())(expect["idx"]), expect["y"])
+
+
+def test_v1_folders_are_still_checked(tmp_path):
+    """Version 1 has no hashes, but its structure is checked like any other (and a crash copy is found)."""
+    folder = tmp_path / "v1"
+    shutil.copytree(FIXTURES / "v1_mlp", folder)
+    recipe = json.loads((folder / "recipe.json").read_text())
+    recipe["layers"][0]["num_dendrites"] = 9
+    (folder / "recipe.json").write_text(json.dumps(recipe))
+    with pytest.raises(td.CheckpointError, match="num_dendrites=9"):
+        td.load(folder, mlp())
+    # a version-1 save killed between its renames left `.name.old-<pid>`: still found
+    shutil.copytree(FIXTURES / "v1_mlp", tmp_path / ".crashed.old-4194000")
+    assert td.load(tmp_path / "crashed", mlp())[0].num_dendrites == 1
+    np.testing.assert_equal(sorted(p.name for p in tmp_path.iterdir()), [".crashed.old-4194000", "v1"])

@@ -14,6 +14,7 @@ Example:
 
 from ._version import __version__ as __version__
 from .config import DendriteConfig, GrowthConfig
+from .context import TaskPrototypes
 from .dendrites import dendrite_context, register_dendrite_type
 from .errors import (
     CheckpointError,
@@ -25,6 +26,7 @@ from .errors import (
     UnsupportedModuleError,
 )
 from .growth import GrowthController, StepResult
+from .kwta import KWTA
 from .layer import DendriticLayer
 from .optim import param_groups, sync_optimizer
 from .persistence import load, save
@@ -47,12 +49,14 @@ __all__ = [
     "DendriticLayer",
     "GrowthConfig",
     "GrowthController",
+    "KWTA",
     "LayerSpec",
     "ScoreError",
     "StateError",
     "StepResult",
     "Summary",
     "TargetError",
+    "TaskPrototypes",
     "UnsupportedModuleError",
     "add_dendrites",
     "dendrite_context",

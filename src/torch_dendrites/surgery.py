@@ -390,7 +390,8 @@ def remove_dendrites(model: nn.Module) -> nn.Module:
 def grow(model: nn.Module, generator: Optional[torch.Generator] = None) -> int:
     """Add one dendrite to every neuron of every wrapped layer, in place.
 
-    The model's function is unchanged at that moment (new output gains are zero). Rebuild the optimizer
+    The model's function is unchanged at that moment (new output gains are zero; the one exception is the
+    first gate of ``gated`` dendrites with ``first_gate="full"``, the paper's starting point). Rebuild the optimizer
     afterwards: the new parameters are not in the old one.
 
     Args:

@@ -4,7 +4,8 @@ A dendrite type is a :class:`DendriteStack` subclass built as ``cls(base, spec, 
 **options)`` (``options`` are ``DendriteConfig.dendrite_options``, passed as keyword arguments). The base class
 keeps ``units`` (an ``nn.ModuleList``, one entry per dendrite), ``num_dendrites``, ``num_neurons``, ``grow`` and
 ``truncate``; a type implements ``new_unit(generator, index) -> nn.Module`` (one dendrite for every neuron, not
-yet attached, adding nothing to the output; every random draw from ``generator``) and
+yet attached, adding nothing to the output unless an option says otherwise, as ``gated``'s
+``first_gate="full"`` does for its first gate; every random draw from ``generator``) and
 ``forward(y, neuron_axis, *layer_args, **layer_kwargs) -> y'``. A type that can be correlation-trained also
 implements :class:`torch_dendrites.correlation.CandidateHolder`. Register new types with
 :func:`register_dendrite_type`.

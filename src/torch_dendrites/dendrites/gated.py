@@ -14,10 +14,19 @@ with a per-neuron mixing weight ``m`` that starts at zero, and the gates multipl
 
 With ``m_i = 0`` a gate's factor is exactly one, so growth never changes the function; at ``m_i = 1`` it is
 Iyer et al.'s gate. ``m`` is learned freely (not clamped): the factor is the line through 1 (``m = 0``) and
-the sigmoid (``m = 1``). ``m`` is the unit's ``out_gain``, as for the other types. The k-winners-take-all
-activation that Iyer et al. put after the gated neurons belongs to the model, not to its dendrites, and is
-not added here. Segments have no bias (``d = u . g``) and start at PyTorch's default bound ``1/sqrt(D)``
-times ``init_scale``; they get gradient once ``m`` moves off zero.
+the sigmoid (``m = 1``). ``m`` is the unit's ``out_gain``, as for the other types. Segments have no bias
+(``d = u . g``) and start at PyTorch's default bound ``1/sqrt(D)`` times ``init_scale``; they get gradient
+once ``m`` moves off zero.
+
+The paper's configuration (``first_gate="full"``). The first gate of each layer has no mixing weight: it is
+Iyer et al.'s gate ``y'[c] = y[c] * sigmoid(d*[c])`` from the start, its segments train from the first step,
+and the unit's ``out_gain`` is ``None``. So ``td.grow`` on a layer without gates *does* change the function
+then (that is the starting point of the paper's network: ``add_dendrites``, one ``grow``, train); every later
+gate is a mixed one with ``m = 0`` as above, so growth from there on keeps the function. With
+``segments`` = the number of tasks and ``init_scale=1.0`` this is the paper's layer (one segment per task,
+segments at PyTorch's default initialisation). The k-winners-take-all activation that Iyer et al. put after
+the gated neurons belongs to the model, not to its dendrites: put :class:`torch_dendrites.KWTA` after the
+wrapped layer.
 
 The context. A wrapped layer only receives its own inputs, so the context travels beside the model: run the
 forward inside ``with td.dendrite_context(model, context):`` (see :func:`dendrite_context`). ``context`` is
@@ -32,6 +41,8 @@ Options (``DendriteConfig(dendrite_options={...})``):
     context_dim: ``D``, the context vector's length (required).
     segments: ``S``, segments per neuron in each gate (default 10; Iyer et al. use one per task).
     select: ``"absmax"`` (default, the paper's: largest ``|d|``, sign kept) or ``"max"`` (largest ``d``).
+    first_gate: ``"mixed"`` (default: every gate enters through a mixing weight that starts at zero) or
+        ``"full"`` (the first gate is the paper's full gate, later ones mixed; see above).
 
 Example:
     >>> import torch, torch_dendrites as td
@@ -62,15 +73,24 @@ from .base import DendriteStack, check_choice, check_int, uniform
 __all__ = ["GatedDendrites", "GatedDendrite", "dendrite_context"]
 
 SELECT = ("absmax", "max")
+FIRST_GATE = ("mixed", "full")
 
 
 class GatedDendrite(nn.Module):
-    """One gate for every neuron: ``segments`` ``[C, S, D]`` and the mixing weight ``out_gain`` ``[C]``."""
+    """One gate for every neuron: ``segments`` ``[C, S, D]`` and the mixing weight ``out_gain`` ``[C]``
+    (``None`` for a full gate, whose factor is the sigmoid itself)."""
 
-    def __init__(self, segments: torch.Tensor):
+    def __init__(self, segments: torch.Tensor, full: bool = False):
         super().__init__()
         self.segments = nn.Parameter(segments)
-        self.out_gain = nn.Parameter(segments.new_zeros(segments.shape[0]))
+        if full:
+            self.register_parameter("out_gain", None)
+        else:
+            self.out_gain = nn.Parameter(segments.new_zeros(segments.shape[0]))
+
+    @property
+    def full(self) -> bool:
+        return self.out_gain is None
 
 
 class GatedDendrites(DendriteStack):
@@ -87,6 +107,7 @@ class GatedDendrites(DendriteStack):
         context_dim: Optional[int] = None,
         segments: int = 10,
         select: str = "absmax",
+        first_gate: str = "mixed",
     ):
         super().__init__(base, spec, activation=activation, init_scale=init_scale)
         if context_dim is None:
@@ -97,13 +118,16 @@ class GatedDendrites(DendriteStack):
         self.context_dim = check_int(self.type_name, "context_dim", context_dim, 1)
         self.segments = check_int(self.type_name, "segments", segments, 1)
         self.select = check_choice(self.type_name, "select", select, SELECT)
+        self.first_gate = check_choice(self.type_name, "first_gate", first_gate, FIRST_GATE)
         # The context of the forward in progress; set only inside `dendrite_context`, never saved.
         self.context: Optional[torch.Tensor] = None
 
     def new_unit(self, generator: Optional[torch.Generator] = None, index: Optional[int] = None) -> nn.Module:
         like = self._like()
         shape = (self.num_neurons, self.segments, self.context_dim)
-        return GatedDendrite(uniform(shape, self.init_scale / math.sqrt(self.context_dim), like, generator))
+        position = len(self.units) if index is None else index
+        full = self.first_gate == "full" and position == 0
+        return GatedDendrite(uniform(shape, self.init_scale / math.sqrt(self.context_dim), like, generator), full)
 
     def gate(self, context: torch.Tensor) -> torch.Tensor:
         """The multiplicative gate ``[..., C]`` for a context ``[..., D]``."""
@@ -113,7 +137,8 @@ class GatedDendrites(DendriteStack):
         d = torch.nn.functional.linear(context.to(seg.dtype), seg.flatten(0, 2)).unflatten(-1, (k, c, s))
         score = d.abs() if self.select == "absmax" else d
         win = d.gather(-1, score.argmax(-1, keepdim=True)).squeeze(-1)  # [..., k, C]: only winners get gradient
-        m = torch.stack([u.out_gain for u in units])  # [k, C]
+        # A full gate's factor is the sigmoid itself: m = 1 gives exactly that (1 - 1 + 1 * s == s).
+        m = torch.stack([u.segments.new_ones(c) if u.full else u.out_gain for u in units])  # [k, C]
         return (1 - m + m * torch.sigmoid(win)).prod(-2)
 
     def forward(self, y: torch.Tensor, neuron_axis: int, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -142,7 +167,8 @@ class GatedDendrites(DendriteStack):
 
     def extra_repr(self) -> str:
         return (
-            f"{super().extra_repr()}, context_dim={self.context_dim}, segments={self.segments}, select={self.select!r}"
+            f"{super().extra_repr()}, context_dim={self.context_dim}, segments={self.segments}, "
+            f"select={self.select!r}, first_gate={self.first_gate!r}"
         )
 
 

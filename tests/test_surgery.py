@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import CNNBN, MLP, TokenMLP, transformer
+from models import CASES, CNNBN, MLP, TokenMLP, transformer
 from torch import nn
 
 import torch_dendrites as td
@@ -203,3 +203,33 @@ def test_hf_style_conv1d_by_qualified_name():
     u = model[0].dendrites.units[0]
     expect = ref + u.out_gain * torch.sigmoid(x @ u.weight + u.bias)
     assert (model(x) - expect).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_plan_is_a_dry_run_of_add_dendrites(name):
+    factory, _, cfg = CASES[name]
+    torch.manual_seed(0)
+    model = factory()
+    classes = {n: type(m) for n, m in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    p = td.plan(model, cfg)
+    # nothing changed
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert not hasattr(model, "_dendrite_record")
+    # add_dendrites carries out exactly this plan; summary reports it
+    td.add_dendrites(model, cfg)
+    assert p.wrapped == list(td.dendritic_layers(model))
+    s = td.summary(model)
+    assert [r["name"] for r in s.wrapped] == p.wrapped
+    assert {r["name"]: r["reason"] for r in s.skipped} == p.skipped
+    assert all(line.startswith(("wrap ", "skip ")) for line in str(p).splitlines())
+
+
+def test_plan_refuses_what_add_dendrites_refuses():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    with pytest.raises(td.TargetError, match="no module matched"):
+        td.plan(model, td.DendriteConfig(exclude=["0"]))
+    td.add_dendrites(model)
+    with pytest.raises(td.TargetError, match="already has dendrites"):
+        td.plan(model)

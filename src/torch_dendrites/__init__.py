@@ -32,11 +32,13 @@ from .optim import param_groups, sync_optimizer
 from .persistence import load, save
 from .specs import LayerSpec, register_layer_type
 from .surgery import (
+    Plan,
     Summary,
     add_dendrites,
     dendritic_layers,
     grow,
     load_base_state_dict,
+    plan,
     remove_dendrites,
     summary,
 )
@@ -51,6 +53,7 @@ __all__ = [
     "GrowthController",
     "KWTA",
     "LayerSpec",
+    "Plan",
     "ScoreError",
     "StateError",
     "StepResult",
@@ -65,6 +68,7 @@ __all__ = [
     "load",
     "load_base_state_dict",
     "param_groups",
+    "plan",
     "register_dendrite_type",
     "register_layer_type",
     "remove_dendrites",

@@ -21,7 +21,10 @@ from .layer import DendriticLayer
 from .specs import LayerSpec, spec_for, spec_for_type, supported_types
 
 __all__ = [
+    "Plan",
+    "Target",
     "add_dendrites",
+    "plan",
     "remove_dendrites",
     "grow",
     "summary",
@@ -178,12 +181,164 @@ def build_layer(
     return DendriticLayer(module, spec, stack, neuron_axis=neuron_axis)
 
 
+@dataclass
+class Target:
+    """One layer a :class:`Plan` wraps: its first path, every path it is reachable at, the module and its spec."""
+
+    name: str
+    paths: List[str]
+    module: nn.Module
+    spec: LayerSpec
+
+
+@dataclass
+class Plan:
+    """What :func:`add_dendrites` would do to a model with a config (see :func:`plan`).
+
+    Attributes:
+        config: the config planned with.
+        targets: the layers to wrap, in model order.
+        skipped: every other layer of a known type (or a type users may expect), by path, with the reason.
+    """
+
+    config: DendriteConfig
+    targets: List[Target]
+    skipped: Dict[str, str]
+
+    @property
+    def wrapped(self) -> List[str]:
+        return [t.name for t in self.targets]
+
+    def __str__(self) -> str:
+        lines = [f"wrap {t.name} ({type(t.module).__name__})" for t in self.targets]
+        lines += [f"skip {name}: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _reader_parent(parents: List[nn.Module]) -> Optional[str]:
+    return next((why for par in parents for t, why in _DIRECT_WEIGHT_READERS.items() if isinstance(par, t)), None)
+
+
+def _skip_reason(cfg: DendriteConfig, name: str, module: nn.Module, spec: LayerSpec, mpaths, parents, policy, explicit):
+    """Why a module of a known type is not wrapped (None: it is). The rules, in order."""
+    if cfg.target_types is not None and not isinstance(module, cfg.target_types):
+        return "type not in target_types"
+    if cfg.target_names is not None and not any(name_matches(n, cfg.target_names) for n in mpaths):
+        return "name not in target_names"
+    if cfg.filter_fn is not None and not cfg.filter_fn(module, name):
+        return "filter_fn returned False"
+    excl = next((p for p in cfg.exclude if any(name_matches(n, [p]) for n in mpaths)), None)
+    if excl is not None:
+        return f"excluded by {excl!r}"
+    reader = _reader_parent(parents)
+    if reader is not None:
+        return f"not wrappable: {reader}"
+    default_skip = policy(name, module) if policy is not None else None
+    if default_skip is None and not explicit and not spec.default_target:
+        default_skip = f"{type(module).__name__} layers are wrapped only when named (target_types or target_names)"
+    if default_skip is not None:
+        return f"default: {default_skip}"
+    return None
+
+
+def plan(model: nn.Module, config: Optional[DendriteConfig] = None) -> Plan:
+    """A dry run of :func:`add_dendrites`: which layers it would wrap, and why every other one is skipped.
+
+    Nothing is changed. :func:`add_dendrites` carries out exactly this plan and :func:`summary` reports it.
+
+    Args:
+        model: any ``nn.Module`` (without dendrites).
+        config: what to wrap; default ``DendriteConfig()``.
+
+    Returns:
+        A :class:`Plan` (``str(plan)`` lists it).
+
+    Raises:
+        TargetError: nothing would be wrapped, the model already has dendrites, or a target has lazy parameters.
+        UnsupportedModuleError: a module type with no layer handler was targeted explicitly.
+        ConfigError: ``config`` is not a DendriteConfig.
+
+    Example:
+        >>> import torch, torch_dendrites as td
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> p = td.plan(net, td.DendriteConfig(exclude=["2"]))
+        >>> p.wrapped, p.skipped
+        (['0'], {'2': "excluded by '2'"})
+    """
+    cfg = DendriteConfig() if config is None else config
+    if not isinstance(cfg, DendriteConfig):
+        raise ConfigError(f"config must be a torch_dendrites.DendriteConfig, got {type(cfg).__name__}.")
+    if not isinstance(model, nn.Module):
+        raise TargetError(f"model must be an nn.Module, got {type(model).__name__}.")
+    if any(isinstance(m, DendriticLayer) for m in model.modules()):
+        raise TargetError("this model already has dendrites; call td.remove_dendrites(model) before adding again.")
+    for t in cfg.target_types or ():
+        if spec_for_type(t) is None:
+            raise UnsupportedModuleError(
+                f"target_types holds {t.__name__}, which has no dendrite handler. Supported types: "
+                f"{', '.join(supported_types())}. Register new ones with td.register_layer_type({t.__name__}, ...)."
+            )
+    _, paths, parents = _refs(model)
+    explicit = cfg.target_types is not None or cfg.target_names is not None or cfg.filter_fn is not None
+    policy = None if explicit else _zero_config_policy(model)
+    targets: List[Target] = []
+    skipped: Dict[str, str] = {}
+    for name, module in model.named_modules():
+        if module is model:
+            continue
+        mpaths = paths[id(module)]
+        spec = spec_for(module)
+        ancestor = next((t.name for t in targets if _is_inside(name, t.name)), None)
+        if spec is None:
+            if cfg.target_names is not None:
+                hit = _explicit_name_match(mpaths, cfg.target_names)
+                if hit is not None:
+                    inside = re.escape(name) + r"\..*"
+                    raise UnsupportedModuleError(
+                        f"target_names entry {hit!r} names '{name}', a {type(module).__name__}, which has no "
+                        f"dendrite handler. Supported types: {', '.join(supported_types())}. To wrap the layers "
+                        f"inside it, use a regex such as {inside!r}; to support the type, call "
+                        f"td.register_layer_type({type(module).__name__}, ...)."
+                    )
+            unsupported = _unsupported_reason(module)
+            if unsupported is not None and ancestor is None:
+                skipped[name] = unsupported
+            continue
+        if ancestor is not None:
+            skipped[name] = f"inside wrapped layer '{ancestor}'"
+            continue
+        why = _skip_reason(cfg, name, module, spec, mpaths, parents[id(module)], policy, explicit)
+        if why is not None:
+            skipped[name] = why
+            continue
+        if _has_lazy(module):
+            raise TargetError(
+                f"'{name}' ({type(module).__name__}) has uninitialized lazy parameters; run one forward pass "
+                "to materialize them before td.add_dendrites."
+            )
+        targets.append(Target(name, list(mpaths), module, spec))
+    if not targets:
+        present = sorted({type(m).__name__ for m in model.modules() if m is not model})
+        why = "; ".join(f"{n}: {r}" for n, r in list(skipped.items())[:8])
+        d = cfg.to_dict()
+        raise TargetError(
+            "no module matched the dendrite config "
+            f"(target_types={d['target_types']}, target_names={d['target_names']}, "
+            f"filter_fn={d['filter_fn']}, exclude={d['exclude']}). Module types present: "
+            f"{', '.join(present) or 'none'}. Supported types: {', '.join(supported_types())}."
+            + (f" Skipped: {why}." if why else "")
+            + (" The root module itself is never wrapped: put it inside a container." if spec_for(model) else "")
+        )
+    return Plan(cfg, targets, skipped)
+
+
 def add_dendrites(model: nn.Module, config: Optional[DendriteConfig] = None) -> nn.Module:
     """Wrap every target layer of ``model`` in place with a :class:`DendriticLayer` holding zero dendrites.
 
     The model computes exactly what it did before; :func:`grow` (or a
     :class:`~torch_dendrites.GrowthController`) adds dendrites later. A module reachable at several paths
-    is wrapped once, and tied parameters stay tied (the original modules are kept, not copied).
+    is wrapped once, and tied parameters stay tied (the original modules are kept, not copied). Which layers
+    are wrapped, and why the others are not, is :func:`plan`'s answer.
 
     Args:
         model: any ``nn.Module``; the root itself is never wrapped (wrap its layers).
@@ -204,96 +359,11 @@ def add_dendrites(model: nn.Module, config: Optional[DendriteConfig] = None) -> 
         >>> [type(m).__name__ for m in net]
         ['DendriticLayer', 'ReLU', 'Linear']
     """
-    cfg = DendriteConfig() if config is None else config
-    if not isinstance(cfg, DendriteConfig):
-        raise ConfigError(f"config must be a torch_dendrites.DendriteConfig, got {type(cfg).__name__}.")
-    if not isinstance(model, nn.Module):
-        raise TargetError(f"model must be an nn.Module, got {type(model).__name__}.")
-    if any(isinstance(m, DendriticLayer) for m in model.modules()):
-        raise TargetError("this model already has dendrites; call td.remove_dendrites(model) before adding again.")
-    for t in cfg.target_types or ():
-        if spec_for_type(t) is None:
-            raise UnsupportedModuleError(
-                f"target_types holds {t.__name__}, which has no dendrite handler. Supported types: "
-                f"{', '.join(supported_types())}. Register new ones with td.register_layer_type({t.__name__}, ...)."
-            )
-
-    refs, paths, parents = _refs(model)
-    explicit = cfg.target_types is not None or cfg.target_names is not None or cfg.filter_fn is not None
-    policy = None if explicit else _zero_config_policy(model)
-    selected: List[Tuple[nn.Module, str]] = []
-    skipped: Dict[str, str] = {}
-    selected_names: List[str] = []
-    for name, module in model.named_modules():
-        if module is model:
-            continue
-        mpaths = paths[id(module)]
-        spec = spec_for(module)
-        ancestor = next((p for p in selected_names if _is_inside(name, p)), None)
-        if cfg.target_names is not None and spec is None:
-            hit = _explicit_name_match(mpaths, cfg.target_names)
-            if hit is not None:
-                inside = re.escape(name) + r"\..*"
-                raise UnsupportedModuleError(
-                    f"target_names entry {hit!r} names '{name}', a {type(module).__name__}, which has no dendrite "
-                    f"handler. Supported types: {', '.join(supported_types())}. To wrap the layers inside it, use "
-                    f"a regex such as {inside!r}; to support the type, call "
-                    f"td.register_layer_type({type(module).__name__}, ...)."
-                )
-        if spec is None:
-            unsupported = _unsupported_reason(module)
-            if unsupported is not None and ancestor is None:
-                skipped[name] = unsupported
-            continue
-        if ancestor is not None:
-            skipped[name] = f"inside wrapped layer '{ancestor}'"
-            continue
-        reader = next(
-            (why for par in parents[id(module)] for t, why in _DIRECT_WEIGHT_READERS.items() if isinstance(par, t)),
-            None,
-        )
-        if cfg.target_types is not None and not isinstance(module, cfg.target_types):
-            skipped[name] = "type not in target_types"
-            continue
-        if cfg.target_names is not None and not any(name_matches(n, cfg.target_names) for n in mpaths):
-            skipped[name] = "name not in target_names"
-            continue
-        if cfg.filter_fn is not None and not cfg.filter_fn(module, name):
-            skipped[name] = "filter_fn returned False"
-            continue
-        excl = next((p for p in cfg.exclude if any(name_matches(n, [p]) for n in mpaths)), None)
-        if excl is not None:
-            skipped[name] = f"excluded by {excl!r}"
-            continue
-        if reader is not None:
-            skipped[name] = f"not wrappable: {reader}"
-            continue
-        default_skip = policy(name, module) if policy is not None else None
-        if default_skip is None and not explicit and not spec.default_target:
-            default_skip = f"{type(module).__name__} layers are wrapped only when named (target_types or target_names)"
-        if default_skip is not None:
-            skipped[name] = f"default: {default_skip}"
-            continue
-        if _has_lazy(module):
-            raise TargetError(
-                f"'{name}' ({type(module).__name__}) has uninitialized lazy parameters; run one forward pass "
-                "to materialize them before td.add_dendrites."
-            )
-        selected.append((module, name))
-        selected_names.append(name)
-
-    if not selected:
-        present = sorted({type(m).__name__ for m in model.modules() if m is not model})
-        why = "; ".join(f"{n}: {r}" for n, r in list(skipped.items())[:8])
-        d = cfg.to_dict()
-        raise TargetError(
-            "no module matched the dendrite config "
-            f"(target_types={d['target_types']}, target_names={d['target_names']}, "
-            f"filter_fn={d['filter_fn']}, exclude={d['exclude']}). Module types present: "
-            f"{', '.join(present) or 'none'}. Supported types: {', '.join(supported_types())}."
-            + (f" Skipped: {why}." if why else "")
-            + (" The root module itself is never wrapped: put it inside a container." if spec_for(model) else "")
-        )
+    the_plan = plan(model, config)
+    cfg = the_plan.config
+    refs, _, parents = _refs(model)
+    selected = [(t.module, t.name) for t in the_plan.targets]
+    skipped = the_plan.skipped
 
     # Build every wrapper before touching the model, so any failure leaves it as it was.
     wrappers = []

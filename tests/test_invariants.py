@@ -1,4 +1,6 @@
-"""Table-driven invariants over a zoo of tiny models (tests/models.py)."""
+"""The cascade type and the layer specs: sharing and tying, fast paths, grouped convolutions, the formula on
+tokens, neuron axes, truncation, and the hand-written backward (gradcheck). The invariants every type shares run
+in test_matrix.py."""
 
 from __future__ import annotations
 
@@ -40,94 +42,6 @@ def train_a_little(model, x, steps=5):
         torch.nn.functional.mse_loss(model(x), target).backward()
         opt.step()
     model.eval()
-
-
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_insertion_and_growth_preserve_outputs(name):
-    model, x, cfg = build(name)
-    with torch.no_grad():
-        ref = model(x)
-    td.add_dendrites(model, cfg)
-    assert td.dendritic_layers(model), "nothing was wrapped"
-    with torch.no_grad():
-        assert max_diff(model(x), ref) <= TOL
-    for _ in range(3):
-        before = n_params(model)
-        added = td.grow(model)
-        assert added > 0
-        assert n_params(model) - before == added
-        with torch.no_grad():
-            assert max_diff(model(x), ref) <= TOL
-
-
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_remove_restores_classes_ids_and_outputs(name):
-    model, x, cfg = build(name)
-    classes = {n: type(m) for n, m in model.named_modules()}
-    ids = {n: id(p) for n, p in model.named_parameters()}
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        ref = model(x)
-    td.add_dendrites(model, cfg)
-    td.grow(model)
-    td.grow(model)
-    td.remove_dendrites(model)
-    assert {n: type(m) for n, m in model.named_modules()} == classes
-    assert {n: id(p) for n, p in model.named_parameters()} == ids
-    assert model.state_dict().keys() == state.keys()
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
-    with torch.no_grad():
-        assert max_diff(model(x), ref) == 0.0
-    assert not hasattr(model, "_dendrite_record")
-
-
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_trained_dendrites_change_output_in_eval_mode(name):
-    model, x, cfg = build(name)
-    td.add_dendrites(model, cfg)
-    td.grow(model)
-    td.grow(model)
-    train_a_little(model, x)
-    # Zero every output gain: what remains is the model without its dendrites' contribution.
-    no_dend = copy.deepcopy(model)
-    for layer in td.dendritic_layers(no_dend).values():
-        for unit in layer.dendrites.units:
-            unit.out_gain.data.zero_()
-    with torch.no_grad():  # no_grad + eval is where PyTorch's fused fast paths kick in
-        assert max_diff(model(x), no_dend(x)) > 1e-5
-    gains = [u.out_gain for layer in td.dendritic_layers(model).values() for u in layer.dendrites.units]
-    assert all(g.abs().sum() > 0 for g in gains)
-
-
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_gradients_reach_neurons_and_dendrites(name):
-    model, x, cfg = build(name)
-    td.add_dendrites(model, cfg)
-    td.grow(model)
-    td.grow(model)
-    train_a_little(model, x, steps=2)  # gains off zero, so dendrite input weights get gradient too
-    model.train()
-    model.zero_grad()
-    model(x).float().pow(2).sum().backward()
-    for name_, layer in td.dendritic_layers(model).items():
-        base_grads = [p.grad for p in layer.base.parameters()]
-        assert all(g is not None and g.abs().sum() > 0 for g in base_grads), name_
-        for unit in layer.dendrites.units:
-            for pname, p in unit.named_parameters():
-                assert p.grad is not None and p.grad.abs().sum() > 0, f"{name_}.{pname}"
-
-
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_summary_counts(name):
-    model, x, cfg = build(name)
-    base = n_params(model)
-    td.add_dendrites(model, cfg)
-    added = td.grow(model)
-    s = td.summary(model)
-    assert s.base_parameters == base
-    assert s.dendrite_parameters == added
-    assert all(r["dendrites"] == 1 for r in s.wrapped)
-    assert "parameters: base" in str(s)
 
 
 def test_shared_module_wrapped_once_and_tied_weights_stay_tied():

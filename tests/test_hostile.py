@@ -14,6 +14,7 @@ import collections
 import copy
 import json
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -821,8 +822,14 @@ def _escape_cases(golden, tmp):
             "an integer of 10**30 dendrites",
             lambda: td.load(signed(lambda r: r["layers"][0].update(num_dendrites=10**30)), MLP()),
         ),
-        ("NaN literal", lambda: td.load(edited(lambda t: t.replace('"init_scale": 0.01', '"init_scale": NaN')), MLP())),
-        ("1e999", lambda: td.load(edited(lambda t: t.replace('"init_scale": 0.01', '"init_scale": 1e999')), MLP())),
+        (
+            "NaN literal",
+            lambda: td.load(edited(lambda t: re.sub(r'"init_scale": [0-9.e-]+', '"init_scale": NaN', t)), MLP()),
+        ),
+        (
+            "1e999",
+            lambda: td.load(edited(lambda t: re.sub(r'"init_scale": [0-9.e-]+', '"init_scale": 1e999', t)), MLP()),
+        ),
         (
             "duplicate keys",
             lambda: td.load(

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple, Type, Union
 
 from torch import nn
 
+from .dendrites.base import INIT_SCALE
 from .errors import ConfigError
 from .registry import DENDRITE_TYPES
 
@@ -97,7 +98,7 @@ class DendriteConfig:
     dendrite_type: str = "cascade"
     dendrite_options: dict = field(default_factory=dict)
     activation: str = "sigmoid"
-    init_scale: float = 0.01
+    init_scale: float = INIT_SCALE
     neuron_axis: Optional[int] = None
 
     def __post_init__(self) -> None:
@@ -125,7 +126,7 @@ class DendriteConfig:
             or not math.isfinite(self.init_scale)
             or self.init_scale <= 0
         ):
-            raise ConfigError(f"init_scale={self.init_scale!r} must be a finite number > 0, e.g. 0.01.")
+            raise ConfigError(f"init_scale={self.init_scale!r} must be a finite number > 0, e.g. {INIT_SCALE}.")
         if self.neuron_axis is not None and (
             isinstance(self.neuron_axis, bool) or not isinstance(self.neuron_axis, int)
         ):

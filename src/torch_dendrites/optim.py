@@ -17,7 +17,7 @@ __all__ = ["DENDRITE_LR_SCALE", "param_groups", "sync_optimizer"]
 
 # The learning-rate multiplier of dendrite parameters that param_groups uses by default (chosen by the sweep in
 # benchmarks/results/defaults_sweep.md).
-DENDRITE_LR_SCALE = 1.0
+DENDRITE_LR_SCALE = 3.0
 
 
 def _dendrite_ids(model: nn.Module) -> set:

@@ -16,6 +16,7 @@ from torch import nn
 
 from .config import DendriteConfig, name_matches
 from .dendrites import make_dendrites
+from .dendrites.base import INIT_SCALE
 from .errors import CheckpointError, ConfigError, TargetError, UnsupportedModuleError
 from .layer import DendriticLayer
 from .specs import LayerSpec, spec_for, spec_for_type, supported_types
@@ -171,7 +172,7 @@ def build_layer(
     spec: LayerSpec,
     dendrite_type: str = "cascade",
     activation: str = "sigmoid",
-    init_scale: float = 0.01,
+    init_scale: float = INIT_SCALE,
     neuron_axis: Optional[int] = None,
     options: Optional[dict] = None,
 ) -> DendriticLayer:

@@ -16,6 +16,10 @@ from torch import nn
 from .._tensors import uniform  # U(-bound, bound) drawn on the CPU: the same dendrites on every rank
 from ..errors import ConfigError, StateError, UnsupportedModuleError
 
+# The default scale of new dendrite weights (times the layer type's own initialisation), chosen by the sweep in
+# benchmarks/results/defaults_sweep.md: large enough that new sigmoids leave their linear range.
+INIT_SCALE = 0.3
+
 __all__ = ["DendriteStack", "check_choice", "check_int", "check_number", "uniform"]
 
 
@@ -54,7 +58,7 @@ class DendriteStack(nn.Module):
 
     type_name = "?"
 
-    def __init__(self, base: nn.Module, spec, activation: str = "sigmoid", init_scale: float = 0.01):
+    def __init__(self, base: nn.Module, spec, activation: str = "sigmoid", init_scale: float = INIT_SCALE):
         super().__init__()
         # A tuple, so nn.Module does not adopt the wrapped layer (it belongs to the DendriticLayer).
         self._base = (base,)

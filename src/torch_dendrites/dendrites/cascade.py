@@ -16,7 +16,7 @@ from torch import nn
 
 from ..correlation import CorrelationStats, candidate_tap
 from ..errors import StateError
-from .base import DendriteStack
+from .base import INIT_SCALE, DendriteStack
 
 __all__ = ["CascadeDendrites", "Dendrite"]
 
@@ -145,7 +145,7 @@ class CascadeDendrites(DendriteStack):
     # Dendrites run through the layer spec's batched_forward (a new spec is tried once, see LayerSpec.trusted).
     uses_layer_spec = True
 
-    def __init__(self, base: nn.Module, spec, activation: str = "sigmoid", init_scale: float = 0.01):
+    def __init__(self, base: nn.Module, spec, activation: str = "sigmoid", init_scale: float = INIT_SCALE):
         super().__init__(base, spec, activation=activation, init_scale=init_scale)
         self.param_names = spec.param_names(base)
         # The correlation.CandidateHolder protocol: filled during a candidate phase, empty otherwise.

@@ -68,7 +68,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, StateError, TargetError
-from .base import DendriteStack, check_choice, check_int, uniform
+from .base import INIT_SCALE, DendriteStack, check_choice, check_int, uniform
 
 __all__ = ["GatedDendrites", "GatedDendrite", "dendrite_context"]
 
@@ -103,7 +103,7 @@ class GatedDendrites(DendriteStack):
         base: nn.Module,
         spec,
         activation: str = "sigmoid",
-        init_scale: float = 0.01,
+        init_scale: float = INIT_SCALE,
         context_dim: Optional[int] = None,
         segments: int = 10,
         select: str = "absmax",

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ..errors import StateError
-from .base import DendriteStack, check_int, uniform
+from .base import INIT_SCALE, DendriteStack, check_int, uniform
 from .cascade import _Cascade, _cascade_reference
 
 __all__ = ["LowRankDendrites", "LowRankDendrite", "apply_cascade"]
@@ -85,7 +85,9 @@ class LowRankDendrites(DendriteStack):
 
     type_name = "lowrank"
 
-    def __init__(self, base: nn.Module, spec, activation: str = "sigmoid", init_scale: float = 0.01, rank: int = 4):
+    def __init__(
+        self, base: nn.Module, spec, activation: str = "sigmoid", init_scale: float = INIT_SCALE, rank: int = 4
+    ):
         super().__init__(base, spec, activation=activation, init_scale=init_scale)
         self.fan_in_shape, self.groups = self._layer_algebra()  # refuses layers without the algebra
         self.rank = check_int(self.type_name, "rank", rank, 1)

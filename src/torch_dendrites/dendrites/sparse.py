@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, StateError
-from .base import DendriteStack, check_choice, check_int, check_number, uniform
+from .base import INIT_SCALE, DendriteStack, check_choice, check_int, check_number, uniform
 
 __all__ = ["SparseDendrites", "SparseLinearDendrites", "SparseDendrite"]
 
@@ -116,7 +116,7 @@ class SparseDendrites(DendriteStack):
         base: nn.Module,
         spec,
         activation: str = "sigmoid",
-        init_scale: float = 0.01,
+        init_scale: float = INIT_SCALE,
         branch_inputs: int = 16,
         receptive: str = "random",
         input_shape: Optional[Sequence[int]] = None,
@@ -208,7 +208,7 @@ class SparseLinearDendrites(SparseDendrites):
         base: nn.Module,
         spec,
         activation: str = "sigmoid",
-        init_scale: float = 0.01,
+        init_scale: float = INIT_SCALE,
         branch_inputs: int = 16,
         receptive: str = "random",
         input_shape: Optional[Sequence[int]] = None,

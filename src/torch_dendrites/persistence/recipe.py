@@ -105,7 +105,7 @@ def build(model: nn.Module, save_id: str, aliases: Dict[str, str], files: Dict[s
                 "num_dendrites": layer.num_dendrites,
                 "neuron_axis": layer.neuron_axis,
                 "activation": getattr(d, "activation", "sigmoid"),
-                "init_scale": float(getattr(d, "init_scale", 0.01)),
+                "init_scale": float(d.init_scale),
                 # correlation-trained dendrites keep frozen input weights; candidates of a phase in progress
                 "correlation_units": [i for i, u in enumerate(d.units) if getattr(u, "correlation_trained", False)],
                 "candidates": len(candidates_of(d)),

@@ -360,3 +360,16 @@ def test_weight_decay_on_frozen_parameters_is_refused_with_the_fix():
     with pytest.raises(td.StateError, match="requires_grad"):
         ctl.step(-1.0)
     assert ctl.state_dict()["policy"] == before["policy"]
+
+
+def test_checksum_sees_a_change_to_any_entry_whatever_its_sign():
+    """The write guards (frozen weights, optimizer traps) compare checksums: a change to a negative entry, or to a
+    tensor with only negative entries, must show (``sum + abs-sum`` cancelled on negatives)."""
+    from torch_dendrites.correlation import checksum
+
+    for t in (-torch.rand(3, 4) - 0.1, torch.randn(3, 4), torch.zeros(2)):
+        before, first = checksum([t]), float(t.view(-1)[0])
+        t.view(-1)[0] = first - 0.25
+        assert checksum([t]) != before
+        t.view(-1)[0] = first
+        assert checksum([t]) == before

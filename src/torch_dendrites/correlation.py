@@ -17,7 +17,7 @@ gains are zero and frozen), so the model's function is unchanged; their gradient
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import torch
 from torch import nn
@@ -184,10 +184,16 @@ def candidate_tap(dendrites, out: torch.Tensor, s: Optional[torch.Tensor], p: in
     return _CorrelationTap.apply(out, act(z), dendrites.correlation, p)
 
 
-def checksum(tensors: List[torch.Tensor]) -> List[float]:
-    """One float64 sum per tensor: equal iff (in practice) nothing wrote into it; no copy is kept."""
+def checksum(tensors: List[torch.Tensor]) -> List[Tuple[float, float]]:
+    """Per tensor its float64 sum and sum of squares: equal iff (in practice) nothing wrote into it; no copy is
+    kept. (Two separate sums: a single combination such as ``sum + abs-sum`` cancels, and misses every change to
+    negative entries.)"""
     with torch.no_grad():
-        return [float(t.detach().double().sum()) + float(t.detach().double().abs().sum()) for t in tensors]
+        out = []
+        for t in tensors:
+            d = t.detach().double()
+            out.append((float(d.sum()), float((d * d).sum())))
+        return out
 
 
 FROZEN_FIX = (

@@ -174,7 +174,8 @@ def _jsonable(v: Any) -> Any:
 def _peft_model(model: nn.Module) -> Optional[nn.Module]:
     for m in model.modules():  # outermost first
         configs = getattr(m, "peft_config", None)
-        if isinstance(configs, dict) and configs and all(callable(getattr(c, "to_dict", None)) for c in configs.values()):
+        plain = isinstance(configs, dict) and all(callable(getattr(c, "to_dict", None)) for c in configs.values())
+        if configs and plain:
             return m
     return None
 

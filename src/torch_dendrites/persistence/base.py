@@ -72,8 +72,10 @@ def base_keys(
     Raises:
         StateError: a candidate phase is in progress and ``trainable_before`` is not given.
     """
-    dendrite_ids = {id(p) for layer in dendritic_layers(model).values() for p in layer.dendrite_parameters()}
     params = dict(model.named_parameters(remove_duplicate=False))
+    # Saved: dendrite parameters, and whatever trains now or trained before a candidate phase froze it.
+    kept = {id(p) for layer in dendritic_layers(model).values() for p in layer.dendrite_parameters()}
+    kept |= {id(p) for p in params.values() if p.requires_grad}
     if in_candidate_phase(model):
         if trainable_before is None:
             raise StateError(
@@ -81,16 +83,8 @@ def base_keys(
                 "pass its controller (td.save(path, model, controller, base_weights=False)) so that the weights "
                 "trained before the phase are kept, or save with base_weights=True."
             )
-        trainable = {id(params[n]) for n in trainable_before if n in params}
-
-        def frozen(p: torch.Tensor) -> bool:
-            return id(p) not in trainable
-    else:
-
-        def frozen(p: torch.Tensor) -> bool:
-            return not p.requires_grad
-
-    return [k for k in state_keys if k in params and id(params[k]) not in dendrite_ids and frozen(params[k])]
+        kept |= {id(params[n]) for n in trainable_before if n in params}
+    return [k for k in state_keys if k in params and id(params[k]) not in kept]
 
 
 # ---------------------------------------------------------------------- the fingerprint

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from ckpt_tools import snapshot_files
-from models import pretrained_backbone, trained_backbone
+from models import Backbone, pretrained_backbone, trained_backbone
 from torch import nn
 
 import torch_dendrites as td
@@ -152,6 +152,36 @@ def test_the_fingerprint_is_the_same_in_a_fresh_process(tmp_path):
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == _recipe(folder)["base"]["sha256"]
+
+
+def test_framework_checkpoints_carry_an_adapter_sized_folder_and_take_the_base_from_the_framework():
+    """A framework checkpoint (Lightning, HF Trainer, accelerate) is the model's state dict plus the entries of
+    integrations.embedded: the entries no longer repeat the frozen base, and the load hook takes the base weights
+    from the framework's own copy (a resumed model is built with random weights: check_base=False)."""
+    import copy
+
+    from safetensors.torch import load
+
+    from torch_dendrites.integrations import embedded
+
+    model = trained_backbone()
+    ctl = td.GrowthController(model, td.GrowthConfig(mode="never"))
+    ctl.step(0.5)
+    entries = embedded.pack(model, ctl)
+    stored = load(entries["torch_dendrites/model.safetensors"].numpy().tobytes())
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    frozen -= {n for n in frozen if ".dendrites." in n}
+    assert frozen and not frozen & set(stored) and "bn.running_mean" in stored
+    checkpoint = {**{k: v.clone() for k, v in model.state_dict().items()}, **entries}
+    torch.manual_seed(5)
+    fresh = Backbone()  # a resumed run: built again, random weights, no dendrites yet
+    fresh = td.add_dendrites(fresh, td.DendriteConfig(target_names=["head", "mid"]))
+    c2 = td.GrowthController(fresh, td.GrowthConfig(mode="never"))
+    embedded.install_load_hook(fresh, controller=lambda m: c2)
+    fresh.load_state_dict(copy.copy(checkpoint))  # the framework's own strict load
+    assert _same_state(_state(fresh), _state(model)) and c2.epoch == 1
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(X), model(X))
 
 
 # ---------------------------------------------------------------------- peft LoRA with dendrites

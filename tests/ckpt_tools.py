@@ -33,6 +33,14 @@ def write_recipe(folder, recipe: dict, sign: bool = True) -> None:
     (folder / "recipe.json").write_text(json.dumps(recipe, indent=1))
 
 
+def resign_base(recipe: dict) -> None:
+    """Recompute the fingerprint hash of an adapter-sized recipe's ``base`` table after an edit of the table."""
+    base = recipe.get("base")
+    if isinstance(base, dict) and isinstance(base.get("tensors"), dict):
+        canonical = json.dumps(base["tensors"], sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+        base["sha256"] = _sha(canonical)
+
+
 def resign(folder) -> None:
     """Make the recipe's hashes and checksum agree with the folder's current files."""
     write_recipe(folder, read_recipe(folder))

@@ -175,6 +175,50 @@ class EmbeddingNet(nn.Module):
         return self.fc(torch.tanh(self.emb(idx)).mean(1))
 
 
+class Backbone(nn.Module):
+    """A "pretrained" feature extractor: a tied embedding-like pair, BatchNorm, and a head that trains."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 12)
+        self.bn = nn.BatchNorm1d(12)
+        self.mid = nn.Linear(12, 12)
+        self.mid_t = nn.Linear(12, 12, bias=False)
+        self.mid_t.weight = self.mid.weight  # tied: one frozen parameter under two names
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.inp(x)))
+        return self.head(torch.tanh(self.mid(h)) + self.mid_t(h))
+
+
+def pretrained_backbone():
+    """Stands for ``from_pretrained``: the same weights at every call; the backbone frozen, the head trainable."""
+    torch.manual_seed(0)
+    model = Backbone()
+    for m in (model.inp, model.bn, model.mid):
+        m.requires_grad_(False)
+    return model
+
+
+def trained_backbone():
+    model = td.add_dendrites(pretrained_backbone(), td.DendriteConfig(target_names=["head", "mid"]))
+    td.grow(model)
+    td.grow(model)
+    torch.manual_seed(1)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    for _ in range(3):  # BatchNorm statistics move although its weights are frozen
+        opt.zero_grad()
+        model(torch.randn(16, 8)).pow(2).mean().backward()
+        opt.step()
+    with torch.no_grad():
+        for layer in td.dendritic_layers(model).values():
+            for u in layer.dendrites.units:
+                u.out_gain.normal_()
+    return model.eval()
+
+
 def transformer():
     layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
     return nn.Sequential(nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=True), nn.Linear(8, 3))

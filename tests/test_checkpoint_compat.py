@@ -1,8 +1,10 @@
-"""Folders written by format version 1 (the library before issue 13) still load, exactly.
+"""Folders written by format versions 1 (before issue 13) and 2 (before adapter-sized checkpoints) still load,
+exactly.
 
 ``tests/fixtures/v1_*`` were written by ``tests/fixtures/make_v1_fixtures.py`` with the code of commit
-d7d7942: a model with a controller, optimizer, scheduler, RNG and generator states, and a model with tied
-weights and low-rank dendrites. Their expected outputs were saved beside them.
+d7d7942, ``v2_*`` by ``make_v2_fixtures.py`` with the code of commit 77bfd67: a model with a controller,
+optimizer, scheduler, RNG and generator states, and a model with tied weights and low-rank dendrites. Their
+expected outputs were saved beside them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 import torch_dendrites as td
+from torch_dendrites.persistence.recipe import FORMAT_VERSION
 
 FIXTURES = Path(__file__).with_name("fixtures")
 sys.path.insert(0, str(FIXTURES))
@@ -58,12 +61,13 @@ def test_v1_tied_lowrank_model_loads_exactly():
         assert torch.equal(model(expect["idx"]), expect["y"])
 
 
-def test_a_v1_folder_resaved_is_version_2_and_identical(tmp_path):
+def test_a_v1_folder_resaved_is_the_current_version_and_identical(tmp_path):
     expect = load_file(str(FIXTURES / "v1_tied.expected.safetensors"))
     model = td.load(FIXTURES / "v1_tied", Tied())
     td.save(tmp_path / "v2", model)
     recipe = json.loads((tmp_path / "v2" / "recipe.json").read_text())
-    assert recipe["format_version"] == 2 and len(recipe["save_id"]) == 32 and "model.safetensors" in recipe["files"]
+    assert recipe["format_version"] == FORMAT_VERSION and len(recipe["save_id"]) == 32
+    assert "model.safetensors" in recipe["files"] and recipe["base"] is None
     with torch.no_grad():
         assert torch.equal(td.load(tmp_path / "v2", Tied())(expect["idx"]), expect["y"])
 
@@ -81,3 +85,63 @@ def test_v1_folders_are_still_checked(tmp_path):
     shutil.copytree(FIXTURES / "v1_mlp", tmp_path / ".crashed.old-4194000")
     assert td.load(tmp_path / "crashed", mlp())[0].num_dendrites == 1
     np.testing.assert_equal(sorted(p.name for p in tmp_path.iterdir()), [".crashed.old-4194000", "v1"])
+
+
+# ---------------------------------------------------------------------- format version 2 (issues 13 and 14)
+def test_v2_model_controller_and_training_state_load_exactly():
+    """Written by the code of commit 77bfd67 (tests/fixtures/make_v2_fixtures.py): every tensor stored, a frozen
+    base weight among them, no fingerprint and no peft field."""
+    expect = load_file(str(FIXTURES / "v2_mlp.expected.safetensors"))
+    model = mlp()
+    ctl = td.GrowthController(td.add_dendrites(mlp()), td.GrowthConfig(mode="fixed", switch_every=2, seed=1))
+    td.remove_dendrites(ctl.model)
+    ctl.model = model
+    td.load(FIXTURES / "v2_mlp", model, ctl)
+    with torch.no_grad():
+        assert torch.equal(model(expect["x"]), expect["y"])
+    assert ctl.epoch == 3 and [r["score"] for r in ctl.history] == [0.5, 0.6, 0.55]
+    assert "0.base.weight" not in ctl.best_state and "0.base.bias" in ctl.best_state  # frozen: not snapshotted
+    trainable = [p for p in model.parameters() if p is not model[0].base.weight]
+    opt = torch.optim.Adam(trainable, lr=0.5)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.1)
+    gen = torch.Generator()
+    torch.manual_seed(0)
+    extra = td.persistence.load_training_state(
+        FIXTURES / "v2_mlp", optimizer=opt, scheduler=sched, rng=True, generators={"g": gen}
+    )
+    assert extra == {"e": 2}
+    assert torch.equal(torch.rand(3), expect["rng"]) and torch.equal(torch.rand(2, generator=gen), expect["gen"])
+    assert sched.state_dict()["step_size"] == 3 and opt.param_groups[0]["lr"] == 0.01
+
+
+def test_v2_tied_lowrank_model_loads_exactly():
+    expect = load_file(str(FIXTURES / "v2_tied.expected.safetensors"))
+    model = td.load(FIXTURES / "v2_tied", Tied())
+    assert model.proj.base.weight is model.emb.weight
+    with torch.no_grad():
+        assert torch.equal(model(expect["idx"]), expect["y"])
+
+
+def test_a_v2_folder_resaved_adapter_sized_is_version_3_and_loads_onto_its_base(tmp_path):
+    expect = load_file(str(FIXTURES / "v2_mlp.expected.safetensors"))
+    model = td.load(FIXTURES / "v2_mlp", mlp())
+    model[0].base.weight.requires_grad_(False)  # frozen, as when it was saved
+    folder = td.save(tmp_path / "v3", model, base_weights=False)
+    recipe = json.loads((folder / "recipe.json").read_text())
+    assert recipe["format_version"] == 3 and list(recipe["base"]["tensors"]) == ["0.base.weight"]
+    base = mlp()
+    with torch.no_grad():
+        base[0].weight.copy_(model[0].base.weight)  # the base weights it was trained on
+    with torch.no_grad():
+        assert torch.equal(td.load(folder, base)(expect["x"]), expect["y"])
+    with pytest.raises(td.CheckpointError, match=r"base tensors differ.*'0\.weight'"):
+        td.load(folder, mlp())
+
+
+def test_a_newer_format_is_refused_with_the_fix(tmp_path):
+    shutil.copytree(FIXTURES / "v2_tied", tmp_path / "v9")
+    recipe = json.loads((tmp_path / "v9" / "recipe.json").read_text())
+    recipe["format_version"] = 9
+    (tmp_path / "v9" / "recipe.json").write_text(json.dumps(recipe))
+    with pytest.raises(td.CheckpointError, match="format version 9, newer.*upgrade torch-dendrites"):
+        td.load(tmp_path / "v9", Tied())

@@ -3,7 +3,8 @@
 Each case overwrites a checkpoint A with a checkpoint B and fails part-way; afterwards td.load must give
 A or B exactly (never a mix, never an error), and the next successful save must leave nothing behind
 but the folder itself. Faults are injected through the library's I/O seam (``persistence.io``) in a
-forked child, which is killed with SIGKILL where the fault hits.
+forked child, which is killed with SIGKILL where the fault hits. Every case runs on full folders and on
+adapter-sized ones (``base_weights=False``: a frozen pretrained first layer left out).
 """
 
 from __future__ import annotations
@@ -28,34 +29,49 @@ X = torch.linspace(-1, 1, 24).reshape(4, 6)
 NAMES = ["plain", "exp[1]"]
 
 
-def _bundle(seed: int, dendrites: int):
-    """A model with a controller (with best weights), an Adam with state and a generator."""
+def _pretrained():
+    """The adapter-sized versions' base model: the same frozen fc1 at every call (as from_pretrained)."""
+    torch.manual_seed(100)
+    model = MLP()
+    model.fc1.requires_grad_(False)
+    return model
+
+
+def _bundle(seed: int, dendrites: int, adapter: bool = False):
+    """A model with a controller (with best weights), an Adam with state and a generator; ``adapter``: its
+    frozen fc1 is left out of the saves."""
+    base = _pretrained() if adapter else None
     torch.manual_seed(seed)
-    model = td.add_dendrites(MLP())
+    model = td.add_dendrites(base if adapter else MLP())
     for _ in range(dendrites):
         td.grow(model)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
     ctl = td.GrowthController(model, td.GrowthConfig(mode="never"))
     ctl.step(0.5)
     opt = torch.optim.Adam(model.parameters())
     model(X).sum().backward()
     opt.step()
-    return model, ctl, opt, torch.Generator().manual_seed(seed)
+    return model, ctl, opt, torch.Generator().manual_seed(seed), adapter
 
 
 def _full_save(path, bundle):
     """A save with every file: model, controller and training state."""
-    model, ctl, opt, gen = bundle
-    return td.save(path, model, ctl, optimizer=opt, rng=True, generators={"g": gen}, extra={"k": 1})
+    model, ctl, opt, gen, adapter = bundle
+    return td.save(
+        path, model, ctl, base_weights=not adapter, optimizer=opt, rng=True, generators={"g": gen}, extra={"k": 1}
+    )
 
 
-@pytest.fixture(scope="module")
-def versions():
-    out = {k: _bundle(seed, n) for k, seed, n in (("A", 0, 1), ("B", 1, 2), ("C", 2, 0))}
+@pytest.fixture(scope="module", params=["full", "adapter"])
+def versions(request):
+    adapter = request.param == "adapter"
+    out = {k: _bundle(seed, n, adapter) for k, seed, n in (("A", 0, 1), ("B", 1, 2), ("C", 2, 0))}
     with torch.no_grad():
         out["out"] = {k: out[k][0](X) for k in ("A", "B", "C")}
+    out["base"] = _pretrained if adapter else MLP
     return out
 
 
@@ -106,13 +122,13 @@ class Failing(io.FileSystem):
                 raise OSError(self.code, os.strerror(self.code), name)
 
 
-def _load_output(path):
+def _load_output(path, versions):
     with torch.no_grad():
-        return td.load(path, MLP())(X)
+        return td.load(path, versions["base"]())(X)
 
 
 def _which(path, versions):
-    out = _load_output(path)
+    out = _load_output(path, versions)
     hits = [k for k in ("A", "B") if torch.equal(out, versions["out"][k])]
     assert len(hits) == 1, "the folder loads as neither copy"
     return hits[0]
@@ -145,7 +161,7 @@ def _crash_and_recover(tmp_path, name, versions, fs):
     got = _which(path, versions)  # loadable, and exactly one of the two copies
     _full_save(path, versions["C"])  # the next successful save cleans every leftover
     assert sorted(p.name for p in parent.iterdir()) == [name]
-    assert torch.equal(_load_output(path), versions["out"]["C"])
+    assert torch.equal(_load_output(path, versions), versions["out"]["C"])
     return res, got
 
 
@@ -245,7 +261,7 @@ def test_read_only_destination(versions):
         assert snapshot_files(root) == before
         assert _which(path, versions) == "A"
         if user is not None:  # and a reader without write access can still load it
-            res = in_child(lambda: _load_output(path).tolist(), user=user)
+            res = in_child(lambda: _load_output(path, versions).tolist(), user=user)
             assert res["ok"] and torch.equal(torch.tensor(res["result"]), versions["out"]["A"]), res
     finally:
         os.chmod(root, 0o755)

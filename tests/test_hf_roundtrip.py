@@ -91,16 +91,25 @@ def test_peft_save_pretrained_round_trip_and_stock_refusal(tmp_path):
     model = grown_lora()
     ids = torch.randint(0, 100, (2, 7))
     model.save_pretrained(tmp_path / "adapter")
-    base = lora_llama(seed=5).base_model.model  # a fresh base (peft modules are replaced below)
-    torch.manual_seed(5)
-    fresh_base = transformers.LlamaForCausalLM(base.config)
-    loaded = peft_from_pretrained(fresh_base, tmp_path / "adapter")
+    # torch_dendrites.safetensors is adapter-sized: the LoRA adapters and dendrites, not the frozen base
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "adapter" / "torch_dendrites.safetensors"), "pt") as f:
+        entry = f.get_tensor("torch_dendrites/model.safetensors")
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    assert entry.numel() < trainable + 16 * 1024
+    config = lora_llama(seed=5).base_model.model.config
+    torch.manual_seed(0)  # the pretrained base the adapters were trained on (lora_llama(0)'s)
+    loaded = peft_from_pretrained(transformers.LlamaForCausalLM(config), tmp_path / "adapter")
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
     assert len(td.dendritic_layers(loaded)) == 4
-    torch.manual_seed(5)
+    torch.manual_seed(5)  # another base is refused by its fingerprint
+    with pytest.raises(td.CheckpointError, match="base tensors differ in value"):
+        peft_from_pretrained(transformers.LlamaForCausalLM(config), tmp_path / "adapter")
+    torch.manual_seed(0)
     with pytest.raises(RuntimeError, match="size mismatch"):
-        peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM(base.config), tmp_path / "adapter")
+        peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM(config), tmp_path / "adapter")
 
 
 def test_zoo_is_covered():

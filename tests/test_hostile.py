@@ -5,7 +5,8 @@ and never hang.
 Every risky load runs in a forked child under an address-space limit (``RLIMIT_AS``: its size now plus
 512 MiB) and a timeout. Edits are re-signed (``ckpt_tools.resign``) so that the structural checks, not
 only the hashes, must catch them; byte flips are not re-signed. The default suite runs a few examples of
-each strategy; ``-m slow`` runs hundreds.
+each strategy; ``-m slow`` runs hundreds. The generated cases run on two victims: a full folder and an
+adapter-sized one (``base_weights=False``, a frozen first layer left out and fingerprinted).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ckpt_tools import (
     read_recipe,
     read_safetensors_header,
     resign,
+    resign_base,
     snapshot_files,
     write_safetensors_raw,
 )
@@ -59,14 +61,24 @@ def _perturb(model, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+            noise = torch.randn(p.shape, generator=g) * 0.1
+            if p.requires_grad:  # frozen base weights stay as "pretrained"
+                p.add_(noise)
 
 
-def _victim_run():
-    """A model with 2 dendrites per layer whose controller's best weights are at 1 dendrite, an Adam
-    with state, a StepLR, a generator: everything a checkpoint holds."""
+def _pretrained():
+    """The adapter victim's base model: the same weights at every call (as from_pretrained), fc1 frozen."""
     torch.manual_seed(0)
-    model = td.add_dendrites(MLP())
+    model = MLP()
+    model.fc1.requires_grad_(False)
+    return model
+
+
+def _victim_run(adapter=False):
+    """A model with 2 dendrites per layer whose controller's best weights are at 1 dendrite, an Adam
+    with state, a StepLR, a generator: everything a checkpoint holds. ``adapter``: fc1's base is frozen."""
+    torch.manual_seed(0)
+    model = td.add_dendrites(_pretrained() if adapter else MLP())
     ctl = td.GrowthController(model, CFG)
     for i, score in enumerate((0.5, 0.6, 0.55)):
         _perturb(model, i)
@@ -81,26 +93,63 @@ def _victim_run():
     return model, ctl, opt, sched, gen
 
 
+def _golden(adapter):
+    root = Path(tempfile.mkdtemp(prefix="td-hostile-"))
+    model, ctl, opt, sched, gen = _victim_run(adapter)
+    assert ctl.best_counts == {"fc1": 1, "fc2": 1, "fc3": 1} and model.fc1.num_dendrites == 2
+    folder = td.save(
+        root / "golden",
+        model,
+        ctl,
+        base_weights=not adapter,
+        optimizer=opt,
+        scheduler=sched,
+        generators={"g": gen},
+        rng=True,
+    )
+    assert (read_recipe(folder)["base"] is not None) == adapter
+    with torch.no_grad():
+        out = model(X)
+    base = _pretrained if adapter else MLP
+    td.load(folder, base())  # the meta-device kernels load once here, not in every child
+    return {"folder": folder, "out": out, "epoch": ctl.epoch, "opt": opt.state_dict(), "root": root, "adapter": adapter}
+
+
 @pytest.fixture(scope="module")
 def golden():
     """The victim checkpoint, and what a correct load reproduces."""
-    root = Path(tempfile.mkdtemp(prefix="td-hostile-"))
-    model, ctl, opt, sched, gen = _victim_run()
-    assert ctl.best_counts == {"fc1": 1, "fc2": 1, "fc3": 1} and model.fc1.num_dendrites == 2
-    folder = td.save(root / "golden", model, ctl, optimizer=opt, scheduler=sched, generators={"g": gen}, rng=True)
-    with torch.no_grad():
-        out = model(X)
-    td.load(folder, MLP())  # the meta-device kernels load once here, not in every child
-    yield {"folder": folder, "out": out, "epoch": ctl.epoch, "opt": opt.state_dict(), "root": root}
-    shutil.rmtree(root, ignore_errors=True)
+    g = _golden(adapter=False)
+    yield g
+    shutil.rmtree(g["root"], ignore_errors=True)
 
 
-def _targets():
-    """What a resumed run loads into: the saved structure with other weights, fresh training objects."""
+@pytest.fixture(scope="module")
+def adapter_golden():
+    """The adapter-sized victim: fc1's frozen base left out, its fingerprint in the recipe."""
+    g = _golden(adapter=True)
+    yield g
+    shutil.rmtree(g["root"], ignore_errors=True)
+
+
+@pytest.fixture(params=["full", "adapter"])
+def any_golden(request):
+    return request.getfixturevalue("adapter_golden" if request.param == "adapter" else "golden")
+
+
+def _base_model(adapter):
+    """The freshly built base model a load starts from (for the adapter victim: holding its pretrained fc1)."""
+    return _pretrained() if adapter else MLP()
+
+
+def _targets(adapter=False):
+    """What a resumed run loads into: the saved structure with other weights, fresh training objects (the
+    adapter victim's frozen fc1 base holds its pretrained weights, as a resumed run's would)."""
     torch.manual_seed(1)
-    model = td.add_dendrites(MLP())
+    model = td.add_dendrites(_pretrained() if adapter else MLP())
     td.grow(model)
     td.grow(model)
+    if adapter:
+        _perturb(model, 99)  # the trainable weights differ from the saved ones
     ctl = td.GrowthController(model, CFG)
     opt = torch.optim.Adam(model.parameters(), lr=0.5)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.1)
@@ -142,11 +191,11 @@ def _state(model, ctl=None, opt=None, sched=None, gen=None):
     }
 
 
-def _attempt(folder, out):
+def _attempt(folder, out, adapter=False):
     """Load ``folder`` twice (into a resumed run with all training state, and into a fresh base model);
     report per load "refused" (a CheckpointError that changed nothing) or "correct" (the saved function)."""
     report = {}
-    model, ctl, opt, sched, gen = _targets()
+    model, ctl, opt, sched, gen = _targets(adapter)
     before = _state(model, ctl, opt, sched, gen)
     try:
         td.load(folder, model, ctl, optimizer=opt, scheduler=sched, rng=True, generators={"g": gen})
@@ -155,7 +204,7 @@ def _attempt(folder, out):
     else:
         with torch.no_grad():
             report["resume"] = "correct" if torch.equal(model(X), out) else "WRONG OUTPUT"
-    base = MLP()
+    base = _base_model(adapter)
     before = _state(base)
     try:
         td.load(folder, base)
@@ -178,13 +227,14 @@ def _check_hostile(golden, mutate, *, refuse=(), kind="named", isolate=True):
         shutil.copytree(golden["folder"], folder)
         mutate(folder)
         files = snapshot_files(work)
+        adapter = golden.get("adapter", False)
         if isolate:
-            res = in_child(lambda: _attempt(folder, golden["out"]), extra_address_space=LIMIT, timeout=120)
+            res = in_child(lambda: _attempt(folder, golden["out"], adapter), extra_address_space=LIMIT, timeout=120)
         else:
-            res = {"ok": True, "result": _attempt(folder, golden["out"])}
+            res = {"ok": True, "result": _attempt(folder, golden["out"], adapter)}
         assert res.get("ok"), res  # no raw error, no hang, no memory exhaustion
         for load, outcome in res["result"].items():
-            TALLY[(kind, load, outcome)] += 1
+            TALLY[(f"{kind} (adapter-sized)" if adapter else kind, load, outcome)] += 1
             assert outcome in (("refused",) if load in refuse else ("refused", "correct")), res["result"]
         assert snapshot_files(work) == files  # a load never writes
         return res["result"]
@@ -216,6 +266,8 @@ _RECIPE_TOP = [
     "layers",
     "skipped",
     "aliases",
+    "base",
+    "peft",
     "checksum",
     "surprise",
 ]
@@ -237,10 +289,57 @@ _OPTIONS = st.dictionaries(
 )
 
 
+_BASE_OPS = ["dtype", "shape", "sha256", "drop", "add_stored", "add_dendrite", "add_absent", "rename", "null", "value"]
+
+
+@st.composite
+def base_edits(draw):
+    """A function editing the recipe's ``base`` fingerprint (made up where the folder is a full one); the table's
+    own hash is recomputed or not."""
+    op = draw(st.sampled_from(_BASE_OPS))
+    rehash = draw(st.booleans())
+    value = draw(json_values)
+    pick = draw(st.integers(0, 10**6))
+    dtype = draw(st.sampled_from(["F16", "F64", "I64", "BOOL", "X9", 7]))
+
+    def edit(r):
+        base = r.get("base")
+        if not isinstance(base, dict):
+            base = {"tensors": {"fc1.base.bias": {"dtype": "F32", "shape": [16], "sha256": "0" * 64}}, "sha256": ""}
+        table = base["tensors"]
+        k = sorted(table)[pick % len(table)]
+        if op == "dtype":
+            table[k]["dtype"] = dtype
+        elif op == "shape":
+            table[k]["shape"] = value if isinstance(value, list) else [value]
+        elif op == "sha256":
+            table[k]["sha256"] = f"{pick:064x}"
+        elif op == "drop":
+            table.pop(k)
+        elif op == "add_stored":  # a tensor the weights file holds
+            table["fc2.base.weight"] = {"dtype": "F32", "shape": [16, 16], "sha256": "1" * 64}
+        elif op == "add_dendrite":
+            table["fc1.dendrites.units.0.out_gain"] = {"dtype": "F32", "shape": [16], "sha256": "2" * 64}
+        elif op == "add_absent":
+            table["fc9.weight"] = dict(table[k])
+        elif op == "rename":
+            table[k + "x"] = table.pop(k)
+        elif op == "value":
+            table[k] = value
+        r["base"] = None if op == "null" else base
+        if rehash and op != "null":
+            resign_base(r)
+
+    return edit
+
+
 @st.composite
 def recipe_edits(draw):
-    """A function editing a recipe: one field replaced or deleted, at the top, in the config or a layer."""
-    where = draw(st.sampled_from(["top", "config", "layer", "layers"]))
+    """A function editing a recipe: one field replaced or deleted, at the top, in the config, a layer or the
+    base fingerprint."""
+    where = draw(st.sampled_from(["top", "config", "layer", "layers", "base"]))
+    if where == "base":
+        return draw(base_edits())
     value = draw(json_values)
     delete = draw(st.booleans()) and where != "layers"
     if where == "top":
@@ -433,54 +532,54 @@ _FILES = st.sampled_from(
 
 @FAST
 @given(edit=recipe_edits())
-def test_recipe_edits(golden, edit):
-    _recipe_case(golden, edit)
+def test_recipe_edits(any_golden, edit):
+    _recipe_case(any_golden, edit)
 
 
 @FAST
 @given(edit=controller_edits())
-def test_controller_edits(golden, edit):
-    _controller_case(golden, edit)
+def test_controller_edits(any_golden, edit):
+    _controller_case(any_golden, edit)
 
 
 @FAST
 @given(edit=header_edits())
-def test_safetensors_header_edits(golden, edit):
-    _header_case(golden, edit)
+def test_safetensors_header_edits(any_golden, edit):
+    _header_case(any_golden, edit)
 
 
 @FAST
 @given(name=_FILES, pos=st.integers(0, 10**7), xor=st.integers(1, 255))
-def test_byte_flips(golden, name, pos, xor):
-    _flip_case(golden, name, pos, xor)
+def test_byte_flips(any_golden, name, pos, xor):
+    _flip_case(any_golden, name, pos, xor)
 
 
 @pytest.mark.slow
 @SLOW
 @given(edit=recipe_edits())
-def test_recipe_edits_sweep(golden, edit):
-    _recipe_case(golden, edit)
+def test_recipe_edits_sweep(any_golden, edit):
+    _recipe_case(any_golden, edit)
 
 
 @pytest.mark.slow
 @SLOW
 @given(edit=controller_edits())
-def test_controller_edits_sweep(golden, edit):
-    _controller_case(golden, edit)
+def test_controller_edits_sweep(any_golden, edit):
+    _controller_case(any_golden, edit)
 
 
 @pytest.mark.slow
 @SLOW
 @given(edit=header_edits())
-def test_safetensors_header_edits_sweep(golden, edit):
-    _header_case(golden, edit)
+def test_safetensors_header_edits_sweep(any_golden, edit):
+    _header_case(any_golden, edit)
 
 
 @pytest.mark.slow
 @SLOW
 @given(name=_FILES, pos=st.integers(0, 10**7), xor=st.integers(1, 255))
-def test_byte_flips_sweep(golden, name, pos, xor):
-    _flip_case(golden, name, pos, xor)
+def test_byte_flips_sweep(any_golden, name, pos, xor):
+    _flip_case(any_golden, name, pos, xor)
 
 
 def _flip_sweep(golden, stride):
@@ -499,10 +598,12 @@ def _flip_sweep(golden, stride):
                 data = bytearray(clean)
                 data[pos] ^= 0x20
                 path.write_bytes(bytes(data))
+                base = _base_model(golden["adapter"])
                 ctl = td.GrowthController(td.add_dendrites(MLP()), CFG)
                 td.remove_dendrites(ctl.model)
+                ctl.model = base
                 try:
-                    loaded = td.load(folder, MLP(), ctl)
+                    loaded = td.load(folder, base, ctl)
                 except td.CheckpointError:
                     counts["refused"] += 1
                     continue
@@ -515,19 +616,20 @@ def _flip_sweep(golden, stride):
     res = in_child(sweep, extra_address_space=LIMIT, timeout=900)
     shutil.rmtree(work, ignore_errors=True)
     assert res.get("ok"), res
+    kind = "adapter-sized, " if golden["adapter"] else ""
     for outcome, n in res["result"].items():
-        TALLY[(f"flip sweep (every {stride}. byte)", "fresh+controller", outcome)] += n
+        TALLY[(f"flip sweep ({kind}every {stride}. byte)", "fresh+controller", outcome)] += n
     return res["result"]
 
 
-def test_strided_byte_flips_are_all_caught(golden):
-    counts = _flip_sweep(golden, 151)
+def test_strided_byte_flips_are_all_caught(any_golden):
+    counts = _flip_sweep(any_golden, 151)
     assert counts["refused"] > 80 and counts["correct"] == 0
 
 
 @pytest.mark.slow
-def test_every_single_byte_flip_is_caught(golden):
-    counts = _flip_sweep(golden, 1)
+def test_every_single_byte_flip_is_caught(any_golden):
+    counts = _flip_sweep(any_golden, 1)
     assert counts["refused"] > 5000
 
 
@@ -599,6 +701,39 @@ def test_best_state_must_fit_the_model_at_best_counts(golden, tmp_path):
     td.remove_dendrites(c2.model)
     td.load(folder, MLP(), c2)
     assert sorted(c2.best_state) == sorted(ctl.best_state)
+
+
+def test_a_base_table_claiming_dendrites_or_stored_tensors_is_refused(adapter_golden):
+    """An adapter-sized recipe may list as left out only base tensors the model holds: a dendrite tensor taken out
+    of the weights file and listed as "base" with the digest of the resumed model's own value must not load."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    key = "fc1.dendrites.units.0.out_gain"
+    mine = _targets(adapter=True)[0].state_dict()[key]
+
+    def claim(folder):
+        path = folder / "model.safetensors"
+        tensors = load_file(str(path))
+        tensors.pop(key)
+        save_file(tensors, str(path), metadata={"format": "pt", "save_id": read_recipe(folder)["save_id"]})
+        digest = hashlib.sha256(mine.contiguous().view(torch.uint8).numpy()).hexdigest()
+
+        def edit(r):
+            r["base"]["tensors"][key] = {"dtype": "F32", "shape": [16], "sha256": digest}
+            resign_base(r)
+
+        edit_recipe(folder, edit)
+
+    res = _check_hostile(adapter_golden, claim, refuse=("resume", "fresh"), isolate=False)
+    assert res == {"resume": "refused", "fresh": "refused"}
+
+    def stored(r):  # a stored tensor listed as left out too
+        r["base"]["tensors"]["fc2.base.bias"] = {"dtype": "F32", "shape": [16], "sha256": "0" * 64}
+        resign_base(r)
+
+    _check_hostile(adapter_golden, lambda f: edit_recipe(f, stored), refuse=("resume", "fresh"), isolate=False)
 
 
 _INVALID_CONTROLLER = [
@@ -815,7 +950,7 @@ def _escape_cases(golden, tmp):
         (
             "a 5000-digit integer",
             lambda: td.load(
-                edited(lambda t: t.replace('"format_version": 2', '"format_version": ' + "9" * 5000)), MLP()
+                edited(lambda t: re.sub('"format_version": [0-9]+', '"format_version": ' + "9" * 5000, t)), MLP()
             ),
         ),
         (

@@ -1,5 +1,8 @@
 """Whole-run checkpoints: ``out_dir/latest`` (model, controller, optimizer, scheduler, RNG) and resuming.
 
+``latest/`` is adapter-sized, like ``best/``: frozen base weights are left out (their fingerprint is kept), so a
+resumed run needs the same base weights, as it would anyway (the same ``from_pretrained`` call).
+
 :class:`RunCheckpoints` is the controller's one seam for run-level files; all file work itself goes through
 :mod:`torch_dendrites.persistence`.
 """
@@ -68,6 +71,7 @@ class RunCheckpoints:
             out / "latest",
             ctl.model,
             ctl,
+            base_weights=False,
             optimizer=optimizer,
             scheduler=scheduler,
             rng=True,

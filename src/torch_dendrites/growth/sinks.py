@@ -7,7 +7,8 @@ and ``writer`` arguments; pass more with ``GrowthController(sinks=[...])``.
 
 - :class:`HistorySink`: ``history.csv`` (a row per epoch, appended) and ``architectures.csv``.
 - :class:`FigureSink`: ``growth.png``, redrawn only at growth, retry and the end.
-- :class:`BestCheckpointSink`: ``best/``, the best model, written with :func:`torch_dendrites.save`.
+- :class:`BestCheckpointSink`: ``best/``, the best model, written with :func:`torch_dendrites.save`
+  (adapter-sized when the model has frozen base weights).
 - :class:`WriterSink`: TensorBoard-style scalars and event texts.
 """
 
@@ -130,13 +131,19 @@ class FigureSink(Sink):
 
 
 class BestCheckpointSink(Sink):
-    """``out_dir/best``: the model at each new best, with :func:`torch_dendrites.save` (atomic)."""
+    """``out_dir/best``: the model at each new best, with :func:`torch_dendrites.save` (atomic).
+
+    The folder is adapter-sized (``base_weights=False``): a model with frozen base weights (a LoRA model, a
+    frozen backbone) keeps only what training changes, the same rule as the controller's in-memory best
+    weights; a model with nothing frozen gets the full folder. Either way it loads with one call,
+    ``td.load(out_dir / "best", build_base_model())``, the base model holding its pretrained weights.
+    """
 
     def __init__(self, out_dir: Path):
         self.out_dir = Path(out_dir)
 
     def on_best(self, controller: Any) -> None:
-        save(self.out_dir / "best", controller.model)
+        save(self.out_dir / "best", controller.model, base_weights=False)
 
 
 class WriterSink(Sink):

@@ -8,20 +8,27 @@ pre-hook (:func:`install_load_hook`) takes those entries out again before the fr
 re-applies the structure with :func:`torch_dendrites.load` (which validates everything and never unpickles), and
 restores the controller.
 
-Entries carry whole files: the folder format stays :mod:`torch_dendrites.persistence`'s business.
+Entries carry whole files: the folder format stays :mod:`torch_dendrites.persistence`'s business. The folder is
+adapter-sized (``td.save(..., base_weights=False)``): the framework's own state dict already holds every weight, so
+the frozen base weights are not repeated (a LoRA run's entries hold the adapters and dendrites only), and the
+hook loads it with ``check_base=False`` because the framework loads the base weights right afterwards.
 """
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
 from ..errors import CheckpointError
 from ..layer import DendriticLayer
+from ..persistence import load, save
+from ..persistence.base import in_candidate_phase
+from ..persistence.recipe import RECIPE
+from ..surgery import dendritic_layers
 
 __all__ = ["PREFIX", "MARKER", "pack", "unpack", "has_entries", "install_load_hook", "strip"]
 
@@ -34,12 +41,14 @@ PEFT_FILE = "torch_dendrites.safetensors"
 
 
 def pack(model: nn.Module, controller: Any = None) -> Dict[str, torch.Tensor]:
-    """The files of ``td.save(folder, model, controller)`` as ``uint8`` tensors keyed ``torch_dendrites/<file>``."""
-    from ..persistence import save
+    """The files of ``td.save(folder, model, controller, base_weights=False)`` as ``uint8`` tensors keyed
+    ``torch_dendrites/<file>``."""
 
     out: Dict[str, torch.Tensor] = {}
+    # In a candidate phase only the controller knows what was frozen before it: without one, keep everything.
+    base_weights = controller is None and in_candidate_phase(model)
     with tempfile.TemporaryDirectory(prefix="td-pack-") as tmp:
-        folder = save(Path(tmp) / "td", model, controller)
+        folder = save(Path(tmp) / "td", model, controller, base_weights=base_weights)
         for f in sorted(folder.rglob("*")):
             if f.is_file():
                 data = f.read_bytes()
@@ -109,11 +118,17 @@ def sentinels(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def load_entries(
-    model: nn.Module, entries: Dict[str, torch.Tensor], controller: Any = None, restructure: bool = True
-) -> None:
-    """Re-apply the structure (and controller state) carried by ``entries`` to ``model`` with ``td.load``."""
-    from ..persistence import load
-    from ..surgery import dendritic_layers
+    model: nn.Module,
+    entries: Dict[str, torch.Tensor],
+    controller: Any = None,
+    restructure: bool = True,
+    check_base: bool = False,
+) -> List[str]:
+    """Re-apply the structure (and controller state) carried by ``entries`` to ``model`` with ``td.load``.
+
+    ``check_base``: compare the model's base weights with the saved fingerprint (only where nothing loads them
+    afterwards, e.g. a peft adapter folder loaded onto a pretrained base model). Returns the keys of the base
+    tensors the entries leave out (the caller loads them, or the model already holds them)."""
 
     if not restructure:
         with tempfile.TemporaryDirectory(prefix="td-unpack-") as tmp:
@@ -131,20 +146,31 @@ def load_entries(
         controller = None
     with tempfile.TemporaryDirectory(prefix="td-unpack-") as tmp:
         folder = unpack(entries, Path(tmp) / "td")
-        load(folder, model, controller)
+        load(folder, model, controller, check_base=check_base)
+        return _base_keys(folder)
+
+
+def _recipe(folder: Path) -> Optional[dict]:
+    import json
+
+    try:
+        doc = json.loads((folder / RECIPE).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def _counts(folder: Path) -> Optional[Dict[str, int]]:
-    import json
+    doc = _recipe(folder)
+    if doc is None or not isinstance(doc.get("layers"), list):
+        return None
+    return {e["path"]: e["num_dendrites"] for e in doc["layers"] if isinstance(e, dict) and "path" in e}
 
-    for f in folder.glob("*.json"):
-        try:
-            doc = json.loads(f.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(doc, dict) and isinstance(doc.get("layers"), list):
-            return {e["path"]: e["num_dendrites"] for e in doc["layers"] if isinstance(e, dict) and "path" in e}
-    return None
+
+def _base_keys(folder: Path) -> List[str]:
+    """The base tensors an adapter-sized folder leaves out (read after td.load validated the recipe)."""
+    base = (_recipe(folder) or {}).get("base")  # None in a full folder, and in folders of format version 2
+    return sorted(base["tensors"]) if isinstance(base, dict) else []
 
 
 def install_load_hook(model: nn.Module, controller: Callable[[], Any] = lambda: None, restructure: bool = True) -> Any:

@@ -190,24 +190,46 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 def from_pretrained(base_model: nn.Module, path, controller=None) -> nn.Module:
-    """Load a peft adapter folder written by ``save_pretrained`` of a model with dendrites (the LoRA adapters and
-    their dendrites) onto ``base_model``, a freshly built base model.
+    """Load a peft model with dendrites onto ``base_model``, a freshly built base model holding its pretrained
+    weights: the one call for both kinds of folder such a model is saved in.
 
-    ``peft.PeftModel.from_pretrained`` refuses such a folder (its ``lora_B`` weights are placeholders of the wrong
-    shape); this builds the peft model from the folder's ``adapter_config.json``, re-applies the dendrites and
-    loads every weight strictly.
+    - a peft adapter folder written by ``save_pretrained`` of a model with dendrites: peft's own
+      ``PeftModel.from_pretrained`` refuses it (its ``lora_B`` weights are placeholders of the wrong shape); the
+      peft model is built from ``adapter_config.json``.
+    - a folder written by :func:`torch_dendrites.save` of a peft model, adapter-sized (``base_weights=False``,
+      as a growth controller's ``best/`` and ``latest/`` of a LoRA run are) or not: the peft model is built from
+      the adapter configs in its recipe.
+
+    Then the dendrites are re-applied and every weight is loaded strictly. The base model's weights must be the
+    ones the folder was trained on (their fingerprint is compared).
 
     Args:
-        base_model: the base model, as built for ``peft.get_peft_model``.
-        path: the adapter folder.
+        base_model: the base model, as built for ``peft.get_peft_model`` (e.g. ``from_pretrained``).
+        path: the folder.
         controller: a :class:`~torch_dendrites.GrowthController` to restore too.
 
     Returns:
         The peft model with its dendrites, in eval mode.
 
     Raises:
-        CheckpointError: the folder holds no dendrites (load it with ``peft.PeftModel.from_pretrained``) or does not
-            fit the base model.
+        CheckpointError: the folder holds no dendrites (load it with ``peft.PeftModel.from_pretrained``), was not
+            saved from a peft model, or does not fit the base model (another base is refused; peft's adapters are
+            taken off ``base_model`` again).
+
+    Example:
+        >>> import tempfile, torch, peft, torch_dendrites as td
+        >>> from torch_dendrites.integrations.peft import from_pretrained
+        >>> def pretrained():  # stands for AutoModel.from_pretrained(...)
+        ...     torch.manual_seed(0)
+        ...     return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> lora = peft.LoraConfig(r=2, target_modules=["0"])
+        >>> model = td.add_dendrites(peft.get_peft_model(pretrained(), lora))
+        >>> _ = td.grow(model)
+        >>> folder = td.save(tempfile.mkdtemp() + "/best", model, base_weights=False)  # LoRA + dendrites only
+        >>> loaded = from_pretrained(pretrained(), folder)
+        >>> x = torch.randn(3, 4)
+        >>> torch.equal(loaded(x), model.eval()(x))
+        True
     """
     from pathlib import Path
 
@@ -215,18 +237,66 @@ def from_pretrained(base_model: nn.Module, path, controller=None) -> nn.Module:
     from safetensors.torch import load_file
 
     from ..errors import CheckpointError
+    from ..persistence import load
+    from ..persistence.recipe import RECIPE
     from . import embedded
 
     path = Path(path)
     file = path / embedded.PEFT_FILE
-    if not file.is_file():
-        raise CheckpointError(f"{path} holds no {embedded.PEFT_FILE}; load it with peft.PeftModel.from_pretrained.")
-    config = peft.PeftConfig.from_pretrained(str(path))
-    model = peft.get_peft_model(base_model, config)
-    if controller is not None:
-        controller.model = model
-    embedded.load_entries(model, load_file(str(file)), controller)
+    if file.is_file():
+        configs = {"default": peft.PeftConfig.from_pretrained(str(path))}
+    elif (path / RECIPE).is_file():
+        configs = _recipe_configs(path / RECIPE)
+    else:
+        raise CheckpointError(
+            f"{path} holds neither {embedded.PEFT_FILE} nor {RECIPE}; load a plain peft adapter folder with "
+            "peft.PeftModel.from_pretrained."
+        )
+    names = sorted(configs, key=lambda n: n != "default")
+    model = peft.get_peft_model(base_model, configs[names[0]], adapter_name=names[0])
+    old_model = controller.model if controller is not None else None
+    try:
+        for name in names[1:]:
+            model.add_adapter(name, configs[name])
+        if controller is not None:
+            controller.model = model
+        if file.is_file():
+            # The base model passed in holds the base weights (nothing loads them later): its fingerprint is checked.
+            embedded.load_entries(model, load_file(str(file)), controller, check_base=True)
+        else:
+            load(path, model, controller)
+    except BaseException:
+        if controller is not None:
+            controller.model = old_model
+        model.unload()  # peft injected its adapters into base_model in place: take them off again
+        raise
     from .transformers import guard
 
     guard(model)
     return model.eval()
+
+
+def _recipe_configs(recipe_file) -> dict:
+    """The peft configs recorded in a td.save folder's recipe (td.load checks the whole recipe afterwards)."""
+    import peft
+
+    from ..errors import CheckpointError
+    from ..persistence.codec import MAX_JSON_BYTES, loads
+
+    data = recipe_file.read_bytes()[: MAX_JSON_BYTES + 1]
+    doc = loads(data, recipe_file)
+    saved = doc.get("peft") if isinstance(doc, dict) else None
+    if not isinstance(saved, dict) or not isinstance(saved.get("adapters"), dict) or not saved["adapters"]:
+        raise CheckpointError(
+            f"{recipe_file} records no peft adapters (it was not saved from a peft model, or by a version before "
+            "adapter configs were recorded); build the peft model yourself and call td.load(folder, peft_model)."
+        )
+    if saved.get("path") != "":
+        raise CheckpointError(
+            f"{recipe_file} was saved from a model holding its peft model at {saved.get('path')!r}; build that model "
+            "yourself and call td.load(folder, model)."
+        )
+    try:
+        return {name: peft.PeftConfig.from_peft_type(**cfg) for name, cfg in saved["adapters"].items()}
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{recipe_file}: a recorded peft config cannot be rebuilt ({exc}).") from None

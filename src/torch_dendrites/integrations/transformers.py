@@ -162,13 +162,21 @@ def from_pretrained(model_class: Any, path: Union[str, Path], controller: Any = 
 
 def _load_with_structure(model: nn.Module, state: dict, controller: Any = None) -> None:
     entries = embedded.strip(state)
-    embedded.load_entries(model, entries, controller)
+    # The entries restore the structure, the controller and what training changed; the frozen base weights they
+    # leave out come from the folder's own weights, loaded next.
+    left_out = embedded.load_entries(model, entries, controller)
     guard(model)
-    # td.load restored every weight; the folder's own copy must agree exactly (tied weights appear once).
     present = model.state_dict()
     for key in list(state):
         if key not in present:
-            state.pop(key)
+            state.pop(key)  # the placeholders at the wrapped layers' original names
+    result = model.load_state_dict(state, strict=False)
+    # Hugging Face stores tied weights once (lm_head.weight shares embed_tokens.weight): a key missing from the
+    # folder is fine when its tensor is one the folder holds, or one td.load restored.
+    loaded = {present[k].data_ptr() for k in state}
+    lacking = [k for k in result.missing_keys if k in left_out and present[k].data_ptr() not in loaded]
+    if lacking:
+        raise CheckpointError(f"the folder's weights lack the base tensors {lacking[:4]}; it is incomplete.")
 
 
 def guard(model: nn.Module) -> None:

@@ -6,13 +6,16 @@ other file, the dendrite config and, per wrapped layer, its path, type, dendrite
 best weights); with an optimizer, scheduler, RNG or generator states also ``training.json`` and
 ``training.safetensors``. ``load`` takes a freshly built base model, checks everything against it before
 changing anything, re-applies the structure from the recipe and loads strictly. Nothing here ever
-unpickles: JSON is parsed by ``json`` and tensors are read from safetensors files.
+unpickles: JSON is parsed by ``json`` and tensors are read from safetensors files. ``save(...,
+base_weights=False)`` writes an adapter-sized folder: the frozen base weights are left out and only their
+fingerprint is kept; ``load`` then takes them from the base model passed in, after comparing the fingerprint.
 
 The package is split by role:
 
 - :mod:`.io`: the file-system seam (atomic folders, locks, reading through descriptors, fault injection);
 - :mod:`.codec`: the one codec for "JSON with tensors" and the bounded safetensors reader;
 - :mod:`.recipe`: the recipe schema, its migration table, and the structure it describes;
+- :mod:`.base`: which tensors an adapter-sized folder leaves out, their fingerprint, peft adapter configs;
 - :mod:`.training`: the controller, optimizer, scheduler, RNG and generator codecs;
 - :mod:`.checkpoint`: ``save``, ``load`` and ``load_training_state``.
 """

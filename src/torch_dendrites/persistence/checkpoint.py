@@ -26,7 +26,20 @@ from ..distributed import full_state_dict, is_sharded, rank, shard_like
 from ..errors import CheckpointError, ConfigError, StateError, TargetError
 from ..surgery import _RECORD, add_dendrites, dendritic_layers, remove_dendrites, set_dendrite_counts
 from . import io
-from .codec import Entry, Header, dumps, loads, pack_state, read_data, read_header, safetensors_bytes, sha256, unpack
+from .base import base_keys, check_peft, digests, fingerprint, peft_configs
+from .codec import (
+    DTYPES,
+    Entry,
+    Header,
+    dumps,
+    loads,
+    pack_state,
+    read_data,
+    read_header,
+    safetensors_bytes,
+    sha256,
+    unpack,
+)
 from .recipe import (
     CONTROLLER_JSON,
     CONTROLLER_WEIGHTS,
@@ -111,6 +124,7 @@ def save(
     model: nn.Module,
     controller=None,
     *,
+    base_weights: bool = True,
     optimizer: Optional[torch.optim.Optimizer] = None,
     scheduler: Any = None,
     rng: bool = False,
@@ -124,10 +138,19 @@ def save(
     Saves to one folder from several processes are serialised by a lock file. Only a folder written by
     td.save (or an empty one) is ever replaced.
 
+    With ``base_weights=False`` the folder is *adapter-sized*: it leaves out the base tensors, the parameters
+    that do not require grad and are not dendrite parameters (a LoRA model's whole base, a frozen backbone),
+    and records their fingerprint (names, shapes, dtypes and SHA-256 of their values) instead; buffers
+    (BatchNorm statistics), dendrites and everything trainable are saved. :func:`load` then needs a base
+    model that already holds those base weights (``from_pretrained``), and refuses any other. peft models
+    also record their adapter configs. A model with nothing frozen gives the ordinary full folder.
+
     Args:
         path: the folder to write (created; replaced if it holds an earlier checkpoint).
         model: the model, with or without dendrites.
         controller: a :class:`~torch_dendrites.GrowthController` whose state (history, best weights) to keep.
+        base_weights: False: leave out the frozen base weights (an adapter-sized folder, see above). During a
+            correlation candidate phase this needs the controller, which knows what was frozen before it.
         optimizer: an optimizer whose state to keep (for an exact resume).
         scheduler: a learning-rate scheduler whose (JSON-able) state to keep.
         rng: also keep the global torch, CUDA, Python and NumPy random states.
@@ -143,7 +166,8 @@ def save(
             previous copy is untouched and nothing is left behind.
         TargetError: ``model`` is not an ``nn.Module``.
         ConfigError: another argument has the wrong type.
-        StateError: the model has tensors on the meta device (nothing to save).
+        StateError: the model has tensors on the meta device (nothing to save), or ``base_weights=False``
+            during a candidate phase without the controller.
 
     Example:
         >>> import tempfile, torch, torch_dendrites as td
@@ -153,12 +177,28 @@ def save(
         >>> fresh = td.load(folder, torch.nn.Sequential(torch.nn.Linear(4, 3)))
         >>> fresh[0].num_dendrites
         1
+
+        Adapter-sized, with a frozen pretrained layer:
+
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> def pretrained():  # stands for from_pretrained: the same base weights every time
+        ...     torch.manual_seed(0)
+        ...     return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).requires_grad_(False)
+        >>> net = td.add_dendrites(pretrained(), td.DendriteConfig(target_names=["1"]))
+        >>> _ = td.grow(net)
+        >>> folder = td.save(tempfile.mkdtemp() + "/adapter", net, base_weights=False)
+        >>> x = torch.randn(2, 4)
+        >>> torch.equal(td.load(folder, pretrained())(x), net(x))
+        True
     """
     path = io.check_name(path)
     _check_model(model, controller)
     _check_common(optimizer, scheduler, rng, generators)
     if extra is not None and not isinstance(extra, dict):
         raise ConfigError(f"extra must be a JSON-able dict, got {type(extra).__name__}.")
+    if not isinstance(base_weights, bool):
+        raise ConfigError(f"base_weights must be True or False, got {base_weights!r}.")
     model_state = model.state_dict()
     if _on_meta(model_state.values()):
         raise StateError(
@@ -167,6 +207,10 @@ def save(
         )
     ctl_state = controller.state_dict() if controller is not None else None
     best = ctl_state.get("best_state") if ctl_state is not None else None
+    left_out: List[str] = []
+    if not base_weights:
+        phase = (ctl_state or {}).get("candidate_phase") or {}
+        left_out = base_keys(model, model_state, phase.get("trainable_before") if ctl_state is not None else None)
     # FSDP2: sharded tensors are gathered whole on every rank (a collective, hence save runs on every
     # rank), then rank 0 alone writes.
     sharded = any(is_sharded(v) for v in model_state.values())
@@ -182,7 +226,9 @@ def save(
     if sharded and rank() != 0:
         return path
     files: Dict[str, bytes] = {}
-    tensors, aliases = pack_state(model_state)
+    base = fingerprint({k: model_state[k] for k in left_out}) if left_out else None
+    skip = set(left_out)
+    tensors, aliases = pack_state({k: v for k, v in model_state.items() if k not in skip})
     files[WEIGHTS] = safetensors_bytes(tensors, meta)
     if ctl_state is not None:
         doc, ctl_tensors = encode_controller(ctl_state, save_id)
@@ -193,7 +239,7 @@ def save(
         files[TRAINING_WEIGHTS] = safetensors_bytes(train_tensors, meta)
         files[TRAINING_JSON] = dumps(doc)
     # The recipe comes last: it holds every other file's hash, and a folder without one is incomplete.
-    files[RECIPE] = dumps(build(model, save_id, aliases, files))
+    files[RECIPE] = dumps(build(model, save_id, aliases, files, base, peft_configs(model)))
     return io.write_folder(path, list(files.items()), _recognize)
 
 
@@ -216,6 +262,7 @@ class _Read:
     files: Dict[str, _Tensors] = field(default_factory=dict)
     plan: Optional[Plan] = None
     weights: Optional[Dict[str, str]] = None  # model key -> stored key
+    base: Dict[str, str] = field(default_factory=dict)  # model key -> SHA-256 of a base tensor left out
     controller: Optional[dict] = None
     training: Optional[Training] = None
     index_bounds: Dict[str, int] = field(default_factory=dict)
@@ -285,7 +332,7 @@ def _strip_prefixes(keys: List[str], aliases: Dict[str, str], model_keys: List[s
     return {k: k[n:] for k in saved}
 
 
-def _plan_model(folder: io.Folder, read: _Read, model: nn.Module) -> None:
+def _plan_model(folder: io.Folder, read: _Read, model: nn.Module, check_base: bool) -> None:
     recipe, where = read.recipe, folder.path
     weights = _open_tensors(folder, WEIGHTS, read)
     entries = weights.header.entries
@@ -293,17 +340,64 @@ def _plan_model(folder: io.Folder, read: _Read, model: nn.Module) -> None:
     for a, src in aliases.items():
         if a in entries or src not in entries:
             raise CheckpointError(f"{where}: alias {a!r} points to {src!r}, which is not a stored tensor.")
-    mapping = _strip_prefixes(list(entries), aliases, list(model.state_dict()))
+    # An adapter-sized folder: the base tensors left out are described by the recipe alone.
+    table = (recipe["base"] or {}).get("tensors", {})
+    base = {k: Entry(DTYPES[e["dtype"]], tuple(e["shape"]), 0, 0) for k, e in table.items()}
+    both = sorted(k for k in base if k in entries or k in aliases)
+    if both:
+        raise CheckpointError(f"{where}: {both[:4]} are both stored and listed as left-out base tensors.")
+    state = model.state_dict()
+    mapping = _strip_prefixes([*entries, *base], aliases, list(state))
     if len(set(mapping.values())) != len(mapping):
         raise CheckpointError(f"{where}: two saved keys name the same tensor once prefixes are removed.")
-    read.plan = plan(model, recipe, set(mapping.values()), where / RECIPE)
+    check_peft(recipe["peft"], model, where / RECIPE)
+    read.plan = plan(model, recipe, {v for k, v in mapping.items() if k not in base}, where / RECIPE)
     expected = read.plan.expected
-    got = {mapping[k]: entries[aliases.get(k, k)] for k in mapping}
+    got = {mapping[k]: (base[k] if k in base else entries[aliases.get(k, k)]) for k in mapping}
     problem = _compare(expected, got)
     if problem:
         raise CheckpointError(f"{where} does not fit this model: {problem}.")
-    read.weights = {mapping[k]: aliases.get(k, k) for k in mapping}
+    read.weights = {mapping[k]: aliases.get(k, k) for k in mapping if k not in base}
+    read.base = {mapping[k]: table[k]["sha256"] for k in base}
+    if read.base:
+        _check_base(read, state, check_base, where)
     read.index_bounds = _index_bounds(read.plan)
+
+
+def _now_key(p: Plan, key: str) -> str:
+    """The key that ``key`` of the loaded model has in the model passed in (before its layers are wrapped)."""
+    if p.wrapped:
+        return key
+    for lp in p.layers.values():
+        for path in lp.paths:
+            if key.startswith(f"{path}.base."):
+                return f"{path}.{key[len(path) + 6 :]}"
+    return key
+
+
+def _check_base(read: _Read, state: Dict[str, torch.Tensor], check_values: bool, where: Path) -> None:
+    """The model's own tensors stand in for the base tensors left out: they must be base tensors of the model
+    (never dendrites), and (``check_values``) their values must be those the folder was saved with."""
+    dendrite_keys = tuple(f"{path}.dendrites." for lp in read.plan.layers.values() for path in lp.paths)
+    wrong = sorted(k for k in read.base if k.startswith(dendrite_keys))
+    if wrong:
+        raise CheckpointError(f"{where}: the recipe lists dendrite weights {wrong[:4]} as base tensors left out.")
+    now = {k: _now_key(read.plan, k) for k in read.base}
+    absent = sorted(k for k, n in now.items() if n not in state)
+    if absent:  # pragma: no cover - _compare found every expected key, and a base key is none of the dendrites'
+        raise CheckpointError(f"{where}: the model has no tensors {absent[:4]} to stand for the base tensors.")
+    if not check_values:
+        return
+    mine = digests(full_state_dict({k: state[n] for k, n in now.items()}))
+    differ = sorted(now[k] for k in read.base if mine[k] != read.base[k])
+    if differ:
+        raise CheckpointError(
+            f"{where} is adapter-sized (saved with base_weights=False): it holds only the weights training changed, "
+            f"and the model's base weights must be the ones it was trained on. {len(differ)} of the model's "
+            f"{len(read.base)} base tensors differ in value: {differ[:4]}{' ...' if len(differ) > 4 else ''}. Load "
+            "the same pretrained weights (the same checkpoint and revision) into the base model before td.load; "
+            "check_base=False skips this check where the right base weights are loaded afterwards."
+        )
 
 
 def _compare(expected: Dict[str, tuple], got: Dict[str, Entry]) -> Optional[str]:
@@ -406,13 +500,13 @@ def _read_data(folder: io.Folder, read: _Read) -> None:
         _check_hash(read, t.name, None, digest, len(t.header.raw) + t.header.data_size)
 
 
-def _read_folder(path: PathLike, model, controller, training_args) -> _Read:
+def _read_folder(path: PathLike, model, controller, training_args, check_base: bool = True) -> _Read:
     with io.open_folder(path, FILES) as folder:
         raw = folder.read(RECIPE, 64 * 1024 * 1024)
         recipe, version = read(loads(raw, folder.path / RECIPE), folder.path / RECIPE)
         r = _Read(folder.path, recipe, version)
         if model is not None:
-            _plan_model(folder, r, model)
+            _plan_model(folder, r, model, check_base)
         if controller is not None:
             _plan_controller(folder, r)
         if training_args is not None:
@@ -567,6 +661,7 @@ def load(
     model: nn.Module,
     controller=None,
     *,
+    check_base: bool = True,
     optimizer: Optional[torch.optim.Optimizer] = None,
     scheduler: Any = None,
     rng: bool = False,
@@ -581,10 +676,18 @@ def load(
     :class:`~torch_dendrites.CheckpointError` names what differs, and the model, controller, optimizer,
     scheduler, random states and generators are left exactly as they were.
 
+    An adapter-sized folder (``save(..., base_weights=False)``) holds no base weights: ``model`` must already
+    hold them (``from_pretrained``), and their fingerprint must match the saved one (every base byte is hashed,
+    about 0.4 s per 0.5 GB), else a CheckpointError names the tensors that differ. They keep their values;
+    everything else is loaded from the folder.
+
     Args:
         path: a folder written by :func:`save`.
         model: the freshly built base model (or one already holding the saved structure and settings).
         controller: a :class:`~torch_dendrites.GrowthController` to restore too.
+        check_base: for an adapter-sized folder, compare the model's base weights with the saved fingerprint
+            (their names, shapes and dtypes are always checked). Pass False only where the right base weights
+            are loaded afterwards (a framework loading its own checkpoint after the structure is re-applied).
         optimizer, scheduler, rng, generators: training state to restore as well; the optimizer must
             already be built over ``model``'s parameters *with* the saved structure (for a fresh base
             model, call ``load`` first, build the optimizer, then :func:`load_training_state`).
@@ -606,11 +709,13 @@ def load(
     """
     _check_model(model, controller)
     _check_common(optimizer, scheduler, rng, generators)
+    if not isinstance(check_base, bool):
+        raise ConfigError(f"check_base must be True or False, got {check_base!r}.")
     if _on_meta(model.state_dict().values()):
         raise CheckpointError("the model has tensors on the meta device; materialize it (model.to_empty) first.")
     wanted = optimizer is not None or scheduler is not None or rng or bool(generators)
     targs = (optimizer, scheduler, rng, generators) if wanted else None
-    r = io.retrying(lambda: _read_folder(path, model, controller, targs))
+    r = io.retrying(lambda: _read_folder(path, model, controller, targs, check_base))
     tx = _Transaction(
         [model] + ([controller.model] if isinstance(getattr(controller, "model", None), nn.Module) else [])
     )
@@ -620,8 +725,11 @@ def load(
             _apply_controller(controller, r.controller, r, tx, model)
         if r.training is not None:
             r.training.apply(r.files[TRAINING_WEIGHTS].data, tx.add)
-        # The weights go last: once copied into the model's own parameters there is no going back.
-        model.load_state_dict(shard_like(r.weights, model.state_dict()), strict=True)
+        # The weights go last: once copied into the model's own parameters there is no going back. An
+        # adapter-sized folder leaves out exactly the base tensors (checked while planning): they keep theirs.
+        result = model.load_state_dict(shard_like(r.weights, model.state_dict()), strict=not r.base)
+        if set(result.missing_keys) != set(r.base) or result.unexpected_keys:  # pragma: no cover - planned
+            raise CheckpointError(f"{r.path}: the model's keys changed while loading.")
     except BaseException as exc:
         tx.rollback()
         if isinstance(exc, Exception):

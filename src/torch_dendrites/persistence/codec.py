@@ -27,7 +27,19 @@ import torch
 
 from ..errors import CheckpointError
 
-__all__ = ["Entry", "Header", "Packer", "dumps", "loads", "read_header", "read_data", "safetensors_bytes", "unpack"]
+__all__ = [
+    "DTYPES",
+    "Entry",
+    "Header",
+    "Packer",
+    "dtype_name",
+    "dumps",
+    "loads",
+    "read_header",
+    "read_data",
+    "safetensors_bytes",
+    "unpack",
+]
 
 MAX_JSON_BYTES = 64 * 1024 * 1024
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
@@ -36,7 +48,7 @@ MAX_DEPTH = 64
 MAX_INT_DIGITS = 40
 MAX_DIMS = 16
 
-_DTYPES: Dict[str, torch.dtype] = {
+DTYPES: Dict[str, torch.dtype] = {
     "BOOL": torch.bool,
     "U8": torch.uint8,
     "I8": torch.int8,
@@ -56,8 +68,16 @@ for _name, _attr in (
     ("F8_E5M2", "float8_e5m2"),
 ):
     if hasattr(torch, _attr):
-        _DTYPES[_name] = getattr(torch, _attr)
+        DTYPES[_name] = getattr(torch, _attr)
 _MARKERS = ("__tensor__", "__float__", "__dict__")
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype, key: str) -> str:
+    """The safetensors name of ``dtype`` (of the tensor ``key``), or a CheckpointError if it has none."""
+    if dtype not in _NAMES:
+        raise CheckpointError(f"the tensor {key!r} has dtype {dtype}, which a safetensors file cannot hold.")
+    return _NAMES[dtype]
 
 
 # ---------------------------------------------------------------------- encoding
@@ -292,12 +312,12 @@ def read_header(fs, fd: int, where: object) -> Header:
         bad = f"{where}: the header entry {key[:80]!r}"
         if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
             raise CheckpointError(f"{bad} is malformed.")
-        if e["dtype"] not in _DTYPES:
+        if e["dtype"] not in DTYPES:
             raise CheckpointError(f"{bad} has the unknown dtype {e['dtype']!r}.")
         shape, offsets = e["shape"], e["data_offsets"]
         if not _naturals(shape) or len(shape) > MAX_DIMS or not _naturals(offsets) or len(offsets) != 2:
             raise CheckpointError(f"{bad} has a malformed shape or byte range.")
-        dtype = _DTYPES[e["dtype"]]
+        dtype = DTYPES[e["dtype"]]
         if offsets[1] - offsets[0] != math.prod(shape) * _itemsize(dtype):
             raise CheckpointError(f"{bad}: shape {shape} does not fit its byte range {offsets}.")
         entries[key] = Entry(dtype, tuple(shape), offsets[0], offsets[1])

@@ -1,11 +1,13 @@
 """The recipe (``recipe.json``): its schema, its migrations, and the dendrite structure it describes.
 
-Format version 2 (written now) holds: ``format``, ``format_version``, ``library_version``, ``save_id``
+Format version 3 (written now) holds: ``format``, ``format_version``, ``library_version``, ``save_id``
 (also in every other file of the folder), ``files`` (size and SHA-256 of every other file),
 ``dendrite_config``, ``layers`` (per wrapped layer: path, type, dendrite_type, num_dendrites,
 neuron_axis, activation, init_scale, correlation_units, candidates), ``skipped``, ``aliases`` (tied
-tensors stored once) and ``checksum`` (SHA-256 of the recipe's canonical JSON without this field).
-Version 1 folders (no save id, no hashes) are read through the migration table :data:`MIGRATIONS`.
+tensors stored once), ``base`` (None, or for an adapter-sized save the fingerprint of the base tensors
+left out, see :mod:`.base`), ``peft`` (None, or a peft model's path and adapter configs) and ``checksum``
+(SHA-256 of the recipe's canonical JSON without this field). Older folders are read through the migration
+table :data:`MIGRATIONS`: version 1 (no save id, no hashes) and version 2 (no ``base``, no ``peft``).
 
 :func:`plan` turns a checked recipe into the state dict the model will have after loading, *without
 touching the model and without allocating its tensors*: each saved layer is rebuilt on the meta device
@@ -32,12 +34,13 @@ from ..layer import DendriticLayer
 from ..registry import DENDRITE_TYPES
 from ..specs import spec_for
 from ..surgery import _RECORD, build_layer, dendritic_layers
+from .base import check_doc, check_peft_doc
 from .codec import canonical, sha256
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MIGRATIONS", "Plan", "build", "plan", "read", "type_name"]
 
 FORMAT = "torch-dendrites"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 RECIPE = "recipe.json"
 WEIGHTS = "model.safetensors"
 CONTROLLER_JSON = "controller.json"
@@ -59,6 +62,8 @@ _TOP = {
     "layers",
     "skipped",
     "aliases",
+    "base",
+    "peft",
     "checksum",
 }
 _LAYER = {
@@ -91,8 +96,16 @@ def _library_version() -> str:
 
 
 # ---------------------------------------------------------------------- writing
-def build(model: nn.Module, save_id: str, aliases: Dict[str, str], files: Dict[str, bytes]) -> dict:
-    """The signed recipe of ``model`` whose other files are ``files``."""
+def build(
+    model: nn.Module,
+    save_id: str,
+    aliases: Dict[str, str],
+    files: Dict[str, bytes],
+    base: Optional[dict] = None,
+    peft: Optional[dict] = None,
+) -> dict:
+    """The signed recipe of ``model`` whose other files are ``files``; ``base`` is the fingerprint of the tensors
+    left out (adapter-sized saves), ``peft`` the peft adapters' configs."""
     record = getattr(model, _RECORD, None)
     layers = []
     for name, layer in dendritic_layers(model).items():
@@ -121,6 +134,8 @@ def build(model: nn.Module, save_id: str, aliases: Dict[str, str], files: Dict[s
         "layers": layers,
         "skipped": {} if record is None else dict(record.skipped),
         "aliases": dict(aliases),
+        "base": base,
+        "peft": peft,
     }
     recipe["checksum"] = sha256(canonical(recipe))
     return recipe
@@ -140,8 +155,13 @@ def _from_v1(recipe: dict) -> dict:
     return out
 
 
+def _from_v2(recipe: dict) -> dict:
+    """Version 2 saved every tensor (no ``base``) and recorded no peft configs."""
+    return dict(recipe, base=None, peft=None)
+
+
 # version -> the function lifting a recipe of that version to the next one
-MIGRATIONS: Dict[int, Callable[[dict], dict]] = {1: _from_v1}
+MIGRATIONS: Dict[int, Callable[[dict], dict]] = {1: _from_v1, 2: _from_v2}
 
 
 def read(recipe: Any, where: object) -> Tuple[dict, int]:
@@ -259,6 +279,8 @@ def check(recipe: dict, where: object, integrity: bool = True) -> None:
         bad("'skipped' is not a mapping of strings")
     if not _is_str_map(recipe.get("aliases")):
         bad("'aliases' is not a mapping of strings")
+    check_doc(recipe["base"], bad)
+    check_peft_doc(recipe["peft"], bad)
 
 
 # ---------------------------------------------------------------------- the structure

@@ -31,6 +31,8 @@ ARMS = ["baseline", "width-matched", "gd", "correlation", "perforatedai"]
 
 def run_one(task, arm, seed, quick, target, work: Path) -> dict:
     out = work / f"{task}-{arm}-{seed}.json"
+    if out.exists():  # a resumed run (--work): this arm finished before
+        return json.loads(out.read_text())
     cmd = [
         sys.executable,
         str(HERE / "run_arm.py"),
@@ -183,12 +185,21 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="keep each arm's result here and skip arms already there (resume a long run); default: a temporary folder",
+    )
     args = ap.parse_args(argv)
     out = args.out or (Path(tempfile.mkdtemp(prefix="bench-quick-")) if args.quick else HERE / "results")
     arms = [a for a in args.arms.split(",") if a]
     seeds = list(range(args.seeds))
     tasks = sorted(TASKS) if args.task == "all" else [args.task]
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        tmp = args.work or tmp
         for task in tasks:
             rows = []
             for seed in seeds:

@@ -199,7 +199,9 @@ class GrowthConfig:
             before it.
         candidate_pool: candidates per layer; the best-correlated one is installed.
         candidate_init_scale: initialisation scale of correlation candidates (None: the layer's
-            ``DendriteConfig.init_scale``); larger values start their sigmoids outside the linear range.
+            ``DendriteConfig.init_scale``); larger values start their sigmoids outside the linear range. The
+            default, 1.0, won the sweep in benchmarks/results/defaults_sweep.md (smaller scales left some
+            candidates too weakly correlated to be kept).
         correlation_warning: warn about layers whose best candidate's mean |correlation| stays below this.
         seed: if set (an int in [0, 2**32)), dendrite initialisation draws from a generator seeded from it
             and the growth count, so reruns (and every rank of a distributed run) grow identical dendrites.
@@ -228,7 +230,7 @@ class GrowthConfig:
     candidate_improvement: float = 0.01
     candidate_max_epochs: Optional[int] = None
     candidate_pool: int = 1
-    candidate_init_scale: Optional[float] = None
+    candidate_init_scale: Optional[float] = 1.0
     correlation_warning: float = 0.01
 
     def __post_init__(self) -> None:

@@ -104,7 +104,7 @@ def test_grouped_conv_matches_one_conv_per_dendrite():
         if u.cascade_gain is not None:
             torch.nn.init.normal_(u.cascade_gain)
     x = torch.randn(2, 6, 7, 7)
-    # Reference: the DESIGN.md formula, one ordinary convolution per dendrite.
+    # Reference: the cascade formula (README, "The math"), one ordinary convolution per dendrite.
     y = conv(x)
     s = []
     for i, u in enumerate(layer.dendrites.units):

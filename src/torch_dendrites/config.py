@@ -15,13 +15,12 @@ from typing import Any, Callable, Optional, Sequence, Tuple, Type, Union
 
 from torch import nn
 
-from .dendrites.base import INIT_SCALE
+from .dendrites.base import ACTIVATIONS, INIT_SCALE
 from .errors import ConfigError
 from .registry import DENDRITE_TYPES
 
 __all__ = ["DendriteConfig", "GrowthConfig"]
 
-ACTIVATIONS = ("sigmoid", "tanh")
 GROWTH_MODES = ("plateau", "fixed", "every", "never")
 DENDRITE_TRAINING = ("gd", "correlation")
 SEED_LIMIT = 2**32  # GrowthConfig.seed: every derived generator seed then fits torch's 64-bit range
@@ -74,7 +73,7 @@ class DendriteConfig:
             (``"fc1"`` matches ``"encoder.fc1"``) or as a regular expression over the whole path.
         filter_fn: ``filter_fn(module, name) -> bool``, the escape hatch for any other rule.
         exclude: module paths never to wrap (same matching rules as ``target_names``).
-        dendrite_type: the dendrite kind: ``"cascade"`` (the gradient-descent cascade of DESIGN.md),
+        dendrite_type: the dendrite kind: ``"cascade"`` (the gradient-descent cascade of the README's "The math"),
             ``"lowrank"``, ``"sparse"``, ``"sparse_linear"``, ``"gated"``, or one registered with
             :func:`~torch_dendrites.register_dendrite_type`.
         dendrite_options: extra options passed to the dendrite type (``rank``, ``branch_inputs``,

@@ -20,6 +20,9 @@ from ..errors import ConfigError, StateError, UnsupportedModuleError
 # benchmarks/results/defaults_sweep.md: large enough that new sigmoids leave their linear range.
 INIT_SCALE = 0.3
 
+# The activations a dendrite may apply to its pre-activation, by the name configs and recipes use.
+ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh}
+
 __all__ = ["DendriteStack", "check_choice", "check_int", "check_number", "uniform"]
 
 

@@ -1,4 +1,4 @@
-"""Gradient-descent cascade dendrites (DESIGN.md).
+"""Gradient-descent cascade dendrites (the README's "The math").
 
 Dendrite ``i`` of a layer is a fresh copy of the layer's shape fed the same input. Per output channel
 ``c``: ``z_i = D_i(x) + sum_{j<i} u_ij[c] * s_j``, ``s_i = act(z_i)``, and the layer returns
@@ -16,11 +16,10 @@ from torch import nn
 
 from ..correlation import CorrelationStats, candidate_tap
 from ..errors import StateError
-from .base import INIT_SCALE, DendriteStack
+from .base import ACTIVATIONS, INIT_SCALE, DendriteStack
 
 __all__ = ["CascadeDendrites", "Dendrite"]
 
-_ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh}
 _ACTIVATION_GRADS = {
     "sigmoid": torch.ops.aten.sigmoid_backward.grad_input,
     "tanh": torch.ops.aten.tanh_backward.grad_input,
@@ -40,7 +39,7 @@ def _tracing() -> bool:
 def _cascade_reference(a, y, v, p, activation, u):
     """The cascade in plain differentiable ops (for tracing); same math as :class:`_Cascade`."""
     tail = (1,) * (y.dim() - p - 1)
-    act = _ACTIVATIONS[activation]
+    act = ACTIVATIONS[activation]
     out, s = y, []
     for i, z in enumerate(a.unbind(p)):
         for j in range(i):
@@ -67,7 +66,7 @@ class _Cascade(torch.autograd.Function):
     def forward(ctx, a, y, v, p, activation, return_s, *u):
         k = a.shape[p]
         tail = (1,) * (y.dim() - p - 1)
-        act = _ACTIVATIONS[activation]
+        act = ACTIVATIONS[activation]
         s = torch.empty_like(a)
         out = y
         for i in range(k):

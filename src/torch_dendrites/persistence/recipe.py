@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..config import ACTIVATIONS, DendriteConfig
+from ..config import DendriteConfig
 from ..correlation import candidates_of, holds_candidates
+from ..dendrites.base import ACTIVATIONS
 from ..errors import CheckpointError, DendriteError
 from ..layer import DendriticLayer
 from ..registry import DENDRITE_TYPES

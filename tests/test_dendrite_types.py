@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ckpt_tools import edit_recipe, read_recipe
 from test_matrix import CONTEXT_DIM, OWN_WEIGHTS, build, config, context_for, max_diff, train_a_little
 
 import torch_dendrites as td
@@ -33,11 +34,64 @@ def test_bad_options_raise_and_leave_the_model_untouched(dtype, options, match):
     model, _ = build("mlp")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     classes = [type(m) for m in model.modules()]
-    cfg = td.DendriteConfig(dendrite_type=dtype, dendrite_options=options)
     with pytest.raises(td.ConfigError, match=match):
-        td.add_dendrites(model, cfg)
+        td.add_dendrites(model, td.DendriteConfig(dendrite_type=dtype, dendrite_options=options))
     assert [type(m) for m in model.modules()] == classes and not hasattr(model, "_dendrite_record")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    if match != "fan-in":  # only the fan-in check needs the layer: the rest fail when the config is built
+        with pytest.raises(td.ConfigError, match=match):
+            td.DendriteConfig(dendrite_type=dtype, dendrite_options=options)
+
+
+TYPED = [
+    ("lowrank", td.dendrites.LowRankOptions(rank=2)),
+    ("sparse", td.dendrites.SparseOptions(branch_inputs=3, receptive="local", input_shape=(2, 3))),
+    ("sparse_linear", td.dendrites.SparseLinearOptions(branch_inputs=2)),
+    ("gated", td.dendrites.GatedOptions(context_dim=CONTEXT_DIM, segments=2)),
+]
+
+
+@pytest.mark.parametrize("dtype,options", TYPED)
+def test_typed_options_build_the_same_model_as_the_dict(dtype, options):
+    """A type's options object and the dict of its fields are one setting: equal configs, equal dendrites,
+    and the recipe keeps the dict with the options version."""
+    cfg_typed = td.DendriteConfig(dendrite_type=dtype, dendrite_options=options, target_names=["0"])
+    cfg_dict = td.DendriteConfig(dendrite_type=dtype, dendrite_options=options.to_dict(), target_names=["0"])
+    assert cfg_typed.dendrite_options == cfg_dict.dendrite_options == options.to_dict()
+    nets = []
+    for cfg in (cfg_typed, cfg_dict):
+        torch.manual_seed(0)
+        net = td.add_dendrites(torch.nn.Sequential(torch.nn.Linear(6, 4)), cfg)
+        td.grow(net, generator=torch.Generator().manual_seed(1))
+        assert net[0].dendrites.options == options
+        nets.append(net)
+    assert all(torch.equal(a, b) for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values()))
+    with pytest.raises(td.ConfigError, match="are not options of dendrite_type='cascade'"):
+        td.DendriteConfig(dendrite_options=options)  # another type's options object
+
+
+def test_options_of_a_newer_version_are_refused_and_older_ones_migrated(tmp_path, monkeypatch):
+    opts = td.dendrites.LowRankOptions
+    with pytest.raises(td.ConfigError, match="options version 2; this version of torch-dendrites knows up to 1"):
+        opts.from_dict({"rank": 2}, version=2)
+    # A version bump with a migration: version 1's "rank" read under a new name.
+    net = td.add_dendrites(torch.nn.Sequential(torch.nn.Linear(6, 4)), td.DendriteConfig(dendrite_type="lowrank"))
+    td.grow(net)
+    folder = td.save(tmp_path / "v1", net)
+    recipe = read_recipe(folder)
+    assert recipe["dendrite_config"]["dendrite_options_version"] == 1
+    # A recipe from a newer library: refused, naming the upgrade; the model is untouched.
+    edit_recipe(folder, lambda r: r["dendrite_config"].update(dendrite_options_version=2))
+    fresh = torch.nn.Sequential(torch.nn.Linear(6, 4))
+    with pytest.raises(td.CheckpointError, match="Upgrade torch-dendrites"):
+        td.load(folder, fresh)
+    assert isinstance(fresh[0], torch.nn.Linear)
+    # A version bump with a migration: version 1's "rank" read under a new name, in memory and from a recipe.
+    monkeypatch.setattr(opts, "version", 2)
+    monkeypatch.setattr(opts, "migrate", classmethod(lambda cls, o, v: {"rank": o.pop("r")} if v == 1 else o))
+    assert opts.from_dict({"r": 3}, version=1) == opts(rank=3)
+    edit_recipe(folder, lambda r: r["dendrite_config"].update(dendrite_options_version=1, dendrite_options={"r": 4}))
+    assert td.load(folder, torch.nn.Sequential(torch.nn.Linear(6, 4)))[0].dendrites.rank == 4
 
 
 @pytest.mark.parametrize("dtype", OWN_WEIGHTS)

@@ -15,7 +15,8 @@ from typing import Any, Callable, Optional, Sequence, Tuple, Type, Union
 
 from torch import nn
 
-from .dendrites.base import ACTIVATIONS, INIT_SCALE
+from .dendrites.base import ACTIVATIONS, INIT_SCALE, typed_options
+from .dendrites.options import DendriteOptions
 from .errors import ConfigError
 from .registry import DENDRITE_TYPES
 
@@ -76,8 +77,9 @@ class DendriteConfig:
         dendrite_type: the dendrite kind: ``"cascade"`` (the gradient-descent cascade of the README's "The math"),
             ``"lowrank"``, ``"sparse"``, ``"sparse_linear"``, ``"gated"``, or one registered with
             :func:`~torch_dendrites.register_dendrite_type`.
-        dendrite_options: extra options passed to the dendrite type (``rank``, ``branch_inputs``,
-            ``context_dim``...; see each type's module docstring).
+        dendrite_options: the dendrite type's options, as a dict (``{"rank": 2}``) or as the type's options
+            object (``td.dendrites.LowRankOptions(rank=2)``); checked here (see each type's module docstring
+            and :mod:`torch_dendrites.dendrites.options`); kept as a dict.
         activation: the dendrite nonlinearity, ``"sigmoid"`` or ``"tanh"``.
         init_scale: new dendrite weights are the layer type's default initialisation times this.
         neuron_axis: override of the output axis that holds the neurons (``-1`` for Linear,
@@ -115,8 +117,7 @@ class DendriteConfig:
             raise ConfigError(
                 f"dendrite_type={self.dendrite_type!r} is unknown; choose one of {sorted(DENDRITE_TYPES.names())}."
             )
-        if not isinstance(self.dendrite_options, dict):
-            raise ConfigError(f"dendrite_options={self.dendrite_options!r} must be a dict.")
+        self.dendrite_options = _options_dict(self.dendrite_type, self.dendrite_options)
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"activation={self.activation!r} is unknown; choose one of {list(ACTIVATIONS)}.")
         if (
@@ -142,10 +143,30 @@ class DendriteConfig:
             "exclude": list(self.exclude),
             "dendrite_type": self.dendrite_type,
             "dendrite_options": dict(self.dendrite_options),
+            # the options' version, so that a later library can migrate them (none for untyped options)
+            "dendrite_options_version": getattr(typed_options(DENDRITE_TYPES.get(self.dendrite_type)), "version", None),
             "activation": self.activation,
             "init_scale": float(self.init_scale),
             "neuron_axis": self.neuron_axis,
         }
+
+
+def _options_dict(dendrite_type: str, options: Any) -> dict:
+    """``dendrite_options`` as the dict the config keeps, checked by the type's options class (if it has one)
+    now rather than when a layer is wrapped. A typed options object becomes its full dict."""
+    opts_cls = typed_options(DENDRITE_TYPES.get(dendrite_type))
+    if isinstance(options, DendriteOptions):
+        if opts_cls is None or type(options) is not opts_cls:
+            want = "a dict" if opts_cls is None else opts_cls.__name__
+            raise ConfigError(
+                f"dendrite_options={options!r} are not options of dendrite_type={dendrite_type!r}; pass {want}."
+            )
+        return options.to_dict()
+    if not isinstance(options, dict):
+        raise ConfigError(f"dendrite_options={options!r} must be a dict (or the dendrite type's options object).")
+    if opts_cls is not None:
+        opts_cls.from_dict(options, type_name=dendrite_type)
+    return options
 
 
 def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:

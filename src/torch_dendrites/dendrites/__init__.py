@@ -37,23 +37,30 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..registry import DENDRITE_TYPES
-from .base import DendriteStack
+from .base import DendriteStack, typed_options
 from .cascade import CascadeDendrites
-from .gated import GatedDendrites, dendrite_context
-from .lowrank import LowRankDendrites
-from .sparse import SparseDendrites, SparseLinearDendrites
+from .gated import GatedDendrites, GatedOptions, dendrite_context
+from .lowrank import LowRankDendrites, LowRankOptions
+from .options import DendriteOptions
+from .sparse import SparseDendrites, SparseLinearDendrites, SparseLinearOptions, SparseOptions
 
 __all__ = [
     "CascadeDendrites",
+    "DendriteOptions",
     "DendriteStack",
     "GatedDendrites",
+    "GatedOptions",
     "LowRankDendrites",
+    "LowRankOptions",
     "SparseDendrites",
     "SparseLinearDendrites",
+    "SparseLinearOptions",
+    "SparseOptions",
     "dendrite_context",
     "dendrite_type_names",
     "make_dendrites",
     "register_dendrite_type",
+    "typed_options",
 ]
 
 for _name, _cls in (
@@ -96,7 +103,10 @@ def dendrite_type_names():
 
 def dendrite_options(name: str):
     """The option names ``dendrite_type=name`` accepts in ``dendrite_options``, or None if it takes any."""
-    params = inspect.signature(DENDRITE_TYPES.get(name).__init__).parameters.values()
+    cls = DENDRITE_TYPES.get(name)
+    if typed_options(cls) is not None:
+        return cls.options_class.names()
+    params = inspect.signature(cls.__init__).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
     return [p.name for p in params if p.name not in _FIXED and p.kind is not inspect.Parameter.VAR_POSITIONAL]

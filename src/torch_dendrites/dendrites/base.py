@@ -8,13 +8,14 @@ does). Subclasses implement ``new_unit`` and ``forward``.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Type
 
 import torch
 from torch import nn
 
 from .._tensors import uniform  # U(-bound, bound) drawn on the CPU: the same dendrites on every rank
 from ..errors import ConfigError, StateError, UnsupportedModuleError
+from .options import DendriteOptions
 
 # The default scale of new dendrite weights (times the layer type's own initialisation), chosen by the sweep in
 # benchmarks/results/defaults_sweep.md: large enough that new sigmoids leave their linear range.
@@ -23,33 +24,7 @@ INIT_SCALE = 0.3
 # The activations a dendrite may apply to its pre-activation, by the name configs and recipes use.
 ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh}
 
-__all__ = ["DendriteStack", "check_choice", "check_int", "check_number", "uniform"]
-
-
-def check_int(type_name: str, option: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(
-            f"dendrite_options {option}={value!r} for dendrite_type={type_name!r} must be an int >= {minimum}."
-        )
-    return value
-
-
-def check_number(type_name: str, option: str, value: Any, lo: float, hi: float) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi
-    if not ok:
-        raise ConfigError(
-            f"dendrite_options {option}={value!r} for dendrite_type={type_name!r} must be a number in [{lo}, {hi}]."
-        )
-    return float(value)
-
-
-def check_choice(type_name: str, option: str, value: Any, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ConfigError(
-            f"dendrite_options {option}={value!r} for dendrite_type={type_name!r} is unknown; "
-            f"choose one of {list(choices)}."
-        )
-    return value
+__all__ = ["DendriteStack", "uniform"]
 
 
 class DendriteStack(nn.Module):
@@ -57,12 +32,23 @@ class DendriteStack(nn.Module):
 
     Subclasses set ``type_name`` and implement ``new_unit(generator, index) -> nn.Module`` (one new dendrite,
     not yet attached, that adds nothing to the output) and ``forward(y, neuron_axis, *layer_args, **layer_kwargs)``.
+    A type with options sets ``options_class`` (a :class:`~torch_dendrites.dendrites.options.DendriteOptions`
+    subclass); the keyword options given to the constructor are checked by it and kept as ``self.options``.
     """
 
     type_name = "?"
+    options_class: Optional[Type[DendriteOptions]] = DendriteOptions
 
-    def __init__(self, base: nn.Module, spec, activation: str = "sigmoid", init_scale: float = INIT_SCALE):
+    def __init__(
+        self, base: nn.Module, spec, activation: str = "sigmoid", init_scale: float = INIT_SCALE, **options: Any
+    ):
         super().__init__()
+        if self.options_class is None:
+            if options:
+                raise ConfigError(f"dendrite_type={self.type_name!r} takes no options {sorted(options)}.")
+            self.options = None
+        else:
+            self.options = self.options_class.from_dict(options, type_name=self.type_name)
         # A tuple, so nn.Module does not adopt the wrapped layer (it belongs to the DendriticLayer).
         self._base = (base,)
         self.spec = spec
@@ -134,3 +120,12 @@ class DendriteStack(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_dendrites={self.num_dendrites}, num_neurons={self.num_neurons}"
+
+
+def typed_options(cls: type) -> Optional[Type[DendriteOptions]]:
+    """The options class of the dendrite type ``cls``, or None for a type that takes its options as constructor
+    arguments (a registered type with a constructor of its own and no ``options_class`` of its own)."""
+    opts = getattr(cls, "options_class", None)
+    if opts is None or (opts is DendriteOptions and cls.__init__ is not DendriteStack.__init__):
+        return None
+    return opts

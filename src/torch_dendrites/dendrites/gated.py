@@ -61,16 +61,18 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-from typing import Any, Iterator, Optional
+from typing import Any, ClassVar, Iterator, Optional
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError, StateError, TargetError
-from .base import INIT_SCALE, DendriteStack, check_choice, check_int, uniform
+from .base import INIT_SCALE, DendriteStack, uniform
+from .options import DendriteOptions, check_choice, check_int
 
-__all__ = ["GatedDendrites", "GatedDendrite", "dendrite_context"]
+__all__ = ["GatedDendrite", "GatedDendrites", "GatedOptions", "dendrite_context"]
 
 SELECT = ("absmax", "max")
 FIRST_GATE = ("mixed", "full")
@@ -93,32 +95,44 @@ class GatedDendrite(nn.Module):
         return self.out_gain is None
 
 
-class GatedDendrites(DendriteStack):
-    """The context-gated dendrite stack of one wrapped layer (see the module docstring)."""
+@dataclasses.dataclass(frozen=True)
+class GatedOptions(DendriteOptions):
+    """Options of ``dendrite_type="gated"`` (see the module docstring): ``context_dim`` (required),
+    ``segments``, ``select``, ``first_gate``."""
 
-    type_name = "gated"
+    type_name: ClassVar[str] = "gated"
+    context_dim: Optional[int] = None
+    segments: int = 10
+    select: str = "absmax"
+    first_gate: str = "mixed"
 
-    def __init__(
-        self,
-        base: nn.Module,
-        spec,
-        activation: str = "sigmoid",
-        init_scale: float = INIT_SCALE,
-        context_dim: Optional[int] = None,
-        segments: int = 10,
-        select: str = "absmax",
-        first_gate: str = "mixed",
-    ):
-        super().__init__(base, spec, activation=activation, init_scale=init_scale)
-        if context_dim is None:
+    def __post_init__(self) -> None:
+        if self.context_dim is None:
             raise ConfigError(
                 "dendrite_type='gated' needs the context's length: DendriteConfig(dendrite_options="
                 "{'context_dim': D}), e.g. the number of tasks for one-hot task contexts."
             )
-        self.context_dim = check_int(self.type_name, "context_dim", context_dim, 1)
-        self.segments = check_int(self.type_name, "segments", segments, 1)
-        self.select = check_choice(self.type_name, "select", select, SELECT)
-        self.first_gate = check_choice(self.type_name, "first_gate", first_gate, FIRST_GATE)
+        check_int(self.type_name, "context_dim", self.context_dim, 1)
+        check_int(self.type_name, "segments", self.segments, 1)
+        check_choice(self.type_name, "select", self.select, SELECT)
+        check_choice(self.type_name, "first_gate", self.first_gate, FIRST_GATE)
+
+
+class GatedDendrites(DendriteStack):
+    """The context-gated dendrite stack of one wrapped layer (see the module docstring)."""
+
+    type_name = "gated"
+    options_class = GatedOptions
+
+    def __init__(self, base: nn.Module, spec, activation: str = "sigmoid", init_scale: float = INIT_SCALE, **options):
+        super().__init__(base, spec, activation=activation, init_scale=init_scale, **options)
+        opts = self.options
+        self.context_dim, self.segments, self.select, self.first_gate = (
+            opts.context_dim,
+            opts.segments,
+            opts.select,
+            opts.first_gate,
+        )
         # The context of the forward in progress; set only inside `dendrite_context`, never saved.
         self.context: Optional[torch.Tensor] = None
 

@@ -37,17 +37,19 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
 
 from ..errors import StateError
-from .base import INIT_SCALE, DendriteStack, check_int, uniform
+from .base import INIT_SCALE, DendriteStack, uniform
 from .cascade import _Cascade, _cascade_reference
+from .options import DendriteOptions, check_int
 
-__all__ = ["LowRankDendrites", "LowRankDendrite", "apply_cascade"]
+__all__ = ["LowRankDendrite", "LowRankDendrites", "LowRankOptions", "apply_cascade"]
 
 
 def apply_cascade(a: torch.Tensor, y: torch.Tensor, units, p: int, activation: str) -> torch.Tensor:
@@ -80,17 +82,27 @@ class LowRankDendrite(nn.Module):
             self.cascade_gain = None
 
 
+@dataclasses.dataclass(frozen=True)
+class LowRankOptions(DendriteOptions):
+    """Options of ``dendrite_type="lowrank"``: ``rank``, the rank ``r`` of each dendrite's input map ``B A``."""
+
+    type_name: ClassVar[str] = "lowrank"
+    rank: int = 4
+
+    def __post_init__(self) -> None:
+        check_int(self.type_name, "rank", self.rank, 1)
+
+
 class LowRankDendrites(DendriteStack):
     """The low-rank dendrite stack of one wrapped layer (see the module docstring)."""
 
     type_name = "lowrank"
+    options_class = LowRankOptions
 
-    def __init__(
-        self, base: nn.Module, spec, activation: str = "sigmoid", init_scale: float = INIT_SCALE, rank: int = 4
-    ):
-        super().__init__(base, spec, activation=activation, init_scale=init_scale)
+    def __init__(self, base: nn.Module, spec, activation: str = "sigmoid", init_scale: float = INIT_SCALE, **options):
+        super().__init__(base, spec, activation=activation, init_scale=init_scale, **options)
         self.fan_in_shape, self.groups = self._layer_algebra()  # refuses layers without the algebra
-        self.rank = check_int(self.type_name, "rank", rank, 1)
+        self.rank = self.options.rank
 
     def new_unit(self, generator: Optional[torch.Generator] = None, index: Optional[int] = None) -> nn.Module:
         like = self._like()

@@ -53,17 +53,19 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, ClassVar, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, StateError
-from .base import INIT_SCALE, DendriteStack, check_choice, check_int, check_number, uniform
+from .base import INIT_SCALE, DendriteStack, uniform
+from .options import DendriteOptions, check_choice, check_int, check_number
 
-__all__ = ["SparseDendrites", "SparseLinearDendrites", "SparseDendrite"]
+__all__ = ["SparseDendrite", "SparseDendrites", "SparseLinearDendrites", "SparseLinearOptions", "SparseOptions"]
 
 RECEPTIVE = ("random", "local")
 
@@ -92,56 +94,73 @@ class SparseDendrite(nn.Module):
         return w.new_zeros(w.shape[0], self.fan_in).scatter(1, self.index, w)
 
 
-def _check_shape(type_name: str, value: Any) -> tuple:
-    if (
-        not isinstance(value, (list, tuple))
-        or not value
-        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in value)
-    ):
-        raise ConfigError(
-            f"dendrite_options input_shape={value!r} for dendrite_type={type_name!r} must be a non-empty list of "
-            "ints >= 1, e.g. [28, 28] for flattened MNIST images."
-        )
-    return tuple(value)
+@dataclasses.dataclass(frozen=True)
+class SparseLinearOptions(DendriteOptions):
+    """Options of ``dendrite_type="sparse_linear"`` (see the module docstring): ``branch_inputs``,
+    ``receptive``, ``input_shape``."""
+
+    type_name: ClassVar[str] = "sparse_linear"
+    branch_inputs: int = 16
+    receptive: str = "random"
+    input_shape: Optional[Tuple[int, ...]] = None
+
+    def __post_init__(self) -> None:
+        check_int(self.type_name, "branch_inputs", self.branch_inputs, 1)
+        check_choice(self.type_name, "receptive", self.receptive, RECEPTIVE)
+        if self.input_shape is None:
+            return
+        if self.receptive != "local":
+            raise ConfigError(
+                f"dendrite_options input_shape={self.input_shape!r} only applies to receptive='local'; drop it or "
+                "set receptive='local'."
+            )
+        value = self.input_shape
+        if (
+            not isinstance(value, (list, tuple))
+            or not value
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in value)
+        ):
+            raise ConfigError(
+                f"dendrite_options input_shape={value!r} for dendrite_type={self.type_name!r} must be a non-empty "
+                "list of ints >= 1, e.g. [28, 28] for flattened MNIST images."
+            )
+        object.__setattr__(self, "input_shape", tuple(value))  # frozen: lists (from JSON) become a tuple once
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseOptions(SparseLinearOptions):
+    """Options of ``dendrite_type="sparse"``: those of ``sparse_linear`` and ``negative_slope``."""
+
+    type_name: ClassVar[str] = "sparse"
+    negative_slope: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number(self.type_name, "negative_slope", self.negative_slope, 0.0, 1.0)
 
 
 class SparseDendrites(DendriteStack):
     """The structured-sparse (dANN) dendrite stack of one wrapped layer (see the module docstring)."""
 
     type_name = "sparse"
+    options_class = SparseOptions
     nonlinear = True
 
-    def __init__(
-        self,
-        base: nn.Module,
-        spec,
-        activation: str = "sigmoid",
-        init_scale: float = INIT_SCALE,
-        branch_inputs: int = 16,
-        receptive: str = "random",
-        input_shape: Optional[Sequence[int]] = None,
-        negative_slope: float = 0.1,
-    ):
-        super().__init__(base, spec, activation=activation, init_scale=init_scale)
+    def __init__(self, base: nn.Module, spec, activation: str = "sigmoid", init_scale: float = INIT_SCALE, **options):
+        super().__init__(base, spec, activation=activation, init_scale=init_scale, **options)
         self.fan_in_shape, self.groups = self._layer_algebra()  # refuses layers without the algebra
         self.fan_in = math.prod(self.fan_in_shape)
-        self.branch_inputs = min(check_int(self.type_name, "branch_inputs", branch_inputs, 1), self.fan_in)
-        self.receptive = check_choice(self.type_name, "receptive", receptive, RECEPTIVE)
-        if input_shape is not None:
-            if self.receptive != "local":
-                raise ConfigError(
-                    f"dendrite_options input_shape={input_shape!r} only applies to receptive='local'; drop it or "
-                    "set receptive='local'."
-                )
-            input_shape = _check_shape(self.type_name, input_shape)
-            if math.prod(input_shape) != self.fan_in:
-                raise ConfigError(
-                    f"dendrite_options input_shape={list(input_shape)} has {math.prod(input_shape)} entries, but a "
-                    f"wrapped {type(base).__name__} has a fan-in of {self.fan_in}; wrap only the layers that read "
-                    "that input (DendriteConfig(target_names=[...])), or drop input_shape."
-                )
-        self.grid = tuple(input_shape) if input_shape is not None else self.fan_in_shape
-        self.negative_slope = check_number(self.type_name, "negative_slope", negative_slope, 0.0, 1.0)
+        opts = self.options
+        self.branch_inputs = min(opts.branch_inputs, self.fan_in)
+        self.receptive = opts.receptive
+        if opts.input_shape is not None and math.prod(opts.input_shape) != self.fan_in:
+            raise ConfigError(
+                f"dendrite_options input_shape={list(opts.input_shape)} has {math.prod(opts.input_shape)} entries, "
+                f"but a wrapped {type(base).__name__} has a fan-in of {self.fan_in}; wrap only the layers that read "
+                "that input (DendriteConfig(target_names=[...])), or drop input_shape."
+            )
+        self.grid = opts.input_shape if opts.input_shape is not None else self.fan_in_shape
+        self.negative_slope = getattr(opts, "negative_slope", 0.0)  # sparse_linear's branches have no slope
 
     # ------------------------------------------------------------- connectivity
     def _draw_index(self, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -201,19 +220,5 @@ class SparseLinearDendrites(SparseDendrites):
     """``dendrite_type="sparse_linear"``: the dANN structure with linear branches (the control)."""
 
     type_name = "sparse_linear"
+    options_class = SparseLinearOptions
     nonlinear = False
-
-    def __init__(
-        self,
-        base: nn.Module,
-        spec,
-        activation: str = "sigmoid",
-        init_scale: float = INIT_SCALE,
-        branch_inputs: int = 16,
-        receptive: str = "random",
-        input_shape: Optional[Sequence[int]] = None,
-    ):
-        super().__init__(
-            base, spec, activation=activation, init_scale=init_scale, branch_inputs=branch_inputs,
-            receptive=receptive, input_shape=input_shape,
-        )  # fmt: skip

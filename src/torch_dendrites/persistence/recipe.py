@@ -29,7 +29,7 @@ from torch import nn
 from .._version import __version__
 from ..config import DendriteConfig
 from ..correlation import candidates_of, holds_candidates
-from ..dendrites.base import ACTIVATIONS
+from ..dendrites.base import ACTIVATIONS, typed_options
 from ..errors import CheckpointError, DendriteError
 from ..layer import DendriticLayer
 from ..registry import DENDRITE_TYPES
@@ -317,7 +317,10 @@ def effective_options(dendrite_type: str, options: dict) -> dict:
     """``options`` with every default of the dendrite type filled in (so that equal settings compare equal)."""
     out = {}
     cls = DENDRITE_TYPES.get(dendrite_type)
-    if cls is not None:
+    opts_cls = typed_options(cls)
+    if opts_cls is not None:
+        out.update(opts_cls.defaults())
+    elif cls is not None:  # a registered type that takes its options as constructor arguments
         for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
             if p.default is not inspect.Parameter.empty and p.name not in ("activation", "init_scale"):
                 out[p.name] = p.default
@@ -410,6 +413,11 @@ def plan(model: nn.Module, recipe: dict, stored_keys, where: object) -> Plan:
     cfg_axis = saved_cfg.get("neuron_axis")
     options = saved_cfg.get("dendrite_options") or {}
     try:
+        opts_cls = typed_options(DENDRITE_TYPES.get(first["dendrite_type"]))
+        version = saved_cfg.get("dendrite_options_version")
+        if opts_cls is not None and version is not None and version != opts_cls.version:
+            # written with another options version: an older one is migrated to this one's form, a newer refused
+            options = opts_cls.from_dict(options, version, first["dendrite_type"]).to_dict()
         config = DendriteConfig(
             filter_fn=_OnlyPaths(wanted),
             dendrite_type=first["dendrite_type"],

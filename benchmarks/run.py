@@ -180,9 +180,12 @@ def plot(task, by_arm, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("task", choices=sorted(TASKS) + ["all"])
+    ap.add_argument("task", help=f"one of {sorted(TASKS)}, several joined by commas, or all")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument(
+        "--skip-extra", action="store_true", help="leave out the tasks' extra arms (imdb's MiniLM fine-tune)"
+    )
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     ap.add_argument(
@@ -195,7 +198,11 @@ def main(argv=None):
     out = args.out or (Path(tempfile.mkdtemp(prefix="bench-quick-")) if args.quick else HERE / "results")
     arms = [a for a in args.arms.split(",") if a]
     seeds = list(range(args.seeds))
-    tasks = sorted(TASKS) if args.task == "all" else [args.task]
+    tasks = sorted(TASKS) if args.task == "all" else args.task.split(",")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        ap.error(f"unknown task(s) {unknown}; choose from {sorted(TASKS)} or all")
+    extra = (lambda task: []) if args.skip_extra else (lambda task: TASKS[task].extra_arms)
     if args.work is not None:
         args.work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
@@ -205,8 +212,8 @@ def main(argv=None):
             for seed in seeds:
                 gd = None
                 # gd runs before width-matched, which matches its final size
-                order = ["baseline", "gd", "correlation", "width-matched", "perforatedai", *TASKS[task].extra_arms]
-                for arm in [a for a in order if a in arms or a in TASKS[task].extra_arms]:
+                order = ["baseline", "gd", "correlation", "width-matched", "perforatedai", *extra(task)]
+                for arm in [a for a in order if a in arms or a in extra(task)]:
                     target = None
                     if arm == "width-matched":
                         if gd is None or "params" not in gd:

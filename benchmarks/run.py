@@ -141,9 +141,13 @@ def write_results(task, rows, seeds, quick, out_dir: Path):
         for ref in ("baseline", "width-matched", "perforatedai"):
             lines.append(verdict(arm, by_arm[arm], by_arm[ref], ref))
     lines.append(verdict("perforatedai", by_arm["perforatedai"], by_arm["width-matched"], "width-matched"))
-    for extra in t.extra_arms:
+    for extra in [a for a in t.extra_arms if by_arm[a]]:  # (left out with --skip-extra)
         subset = next((r["subset"] for r in by_arm[extra] if "subset" in r), "")
         lines.append(verdict("gd", by_arm["gd"], by_arm[extra], extra) + (f" ({extra}: {subset})" if subset else ""))
+    reused = sorted({(r["arm"], r["reused_from"]) for r in rows if r.get("reused_from")})
+    if reused:
+        lines += ["", "Reused runs (same task, seeds and budget; their code did not change since):"]
+        lines += [f"- {arm}: {where}; its wall / baseline compares runs of different times" for arm, where in reused]
     (out_dir / f"{task}.md").write_text("\n".join(lines) + "\n")
     (out_dir / f"{task}.json").write_text(json.dumps(rows))  # every run with its curve, to redraw or re-table
     plot(task, by_arm, out_dir / f"{task}.png")

@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, vmap
 
 from ._tensors import cat, flat_name, uniform
 from .errors import ConfigError, UnsupportedModuleError
@@ -121,8 +122,6 @@ class LayerSpec:
     # ------------------------------------------------------------------ dendrites
     def batched_forward(self, module: nn.Module, params: Params, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Run ``k`` dendrites at once; the result has ``k * C`` entries on the neuron axis, dendrite-major."""
-        from torch.func import functional_call, vmap
-
         names = [n for n, _ in module.named_parameters()]
         stacked = {n: torch.stack(params[flat_name(n)]) for n in names}
 

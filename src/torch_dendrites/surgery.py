@@ -6,6 +6,7 @@ Every check runs before the model is touched: a failing call leaves it exactly a
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -33,6 +34,12 @@ __all__ = [
     "load_base_state_dict",
     "Summary",
 ]
+
+# (library, torch-dendrites integration with an ``after_wrap(model, record)``), in the order they run.
+_INTEGRATIONS = (
+    ("peft", "torch_dendrites.integrations.peft"),
+    ("transformers", "torch_dendrites.integrations.transformers"),
+)
 
 # Parents that read some children's weights directly instead of calling them: a wrapper there would be
 # silently bypassed, so those children are skipped and reported.
@@ -393,26 +400,15 @@ def add_dendrites(model: nn.Module, config: Optional[DendriteConfig] = None) -> 
             if any(isinstance(m, DendriticLayer) for m in enc.modules()):
                 record.restore.append((enc, "use_nested_tensor", enc.use_nested_tensor))
                 enc.use_nested_tensor = False
-    if any(type(m).__module__.startswith("peft.") for m in model.modules()):
-        from .integrations.peft import guard, tuner_layers
-
-        # peft's merge_and_unload()/unload() would fold or drop adapters that now carry dendrites: make them refuse.
-        inside = [n for n, t in tuner_layers(model) for a in ("lora_A", "lora_B") if _has_dendrites(getattr(t, a))]
-        if inside:
-            guard(model, record.restore)
     model.__dict__[_RECORD] = record
-    hf = type(model).__module__.startswith(("transformers.", "peft."))
-    if hf and callable(getattr(model, "save_pretrained", None)):
-        from .integrations.transformers import guard as guard_save
-
-        # model.save_pretrained (Trainer.save_model, checkpoints, push_to_hub) keeps the dendrites, and a stock
-        # from_pretrained of what it writes refuses instead of silently re-initialising the wrapped layers.
-        guard_save(model)
+    # Models built from these libraries get that library's integration after wrapping (peft's merges refuse,
+    # save_pretrained keeps the dendrites). The integration is imported only then: the library is loaded
+    # already, since the model's classes come from it, and torch-dendrites itself never needs it.
+    loaded = {type(m).__module__.partition(".")[0] for m in model.modules()}
+    for library, integration in _INTEGRATIONS:
+        if library in loaded:
+            importlib.import_module(integration).after_wrap(model, record)
     return model
-
-
-def _has_dendrites(module: nn.Module) -> bool:
-    return any(isinstance(m, DendriticLayer) for m in module.modules())
 
 
 def _is_inside(name: str, ancestor: str) -> bool:

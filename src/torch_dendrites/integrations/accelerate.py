@@ -27,6 +27,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "torch_dendrites.integrations.accelerate needs `accelerate`: pip install 'torch-dendrites[hf]'"
     ) from exc
 
+from safetensors.torch import load_file
 from torch import nn
 
 from ..config import GrowthConfig
@@ -118,8 +119,6 @@ class AcceleratedGrowth:
         """Re-grow the dendrites saved in an ``accelerator.save_state`` folder (a freshly built model), before the
         optimizer is built; ``accelerator.load_state`` then restores the weights, the optimizer and the
         controller. Returns False (and changes nothing) if the folder does not exist yet: a fresh start."""
-        from safetensors.torch import load_file
-
         folder = Path(checkpoint_dir)
         if not folder.is_dir():
             return False

@@ -20,11 +20,13 @@ and ``td.save`` gathers the shards (call it on every rank; rank 0 writes).
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Dict, List
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 # The core collectives, re-exported: users of this module reach everything distributed from one place.
 from ..distributed import (
@@ -74,8 +76,6 @@ def rewrap_ddp(model: nn.Module, **ddp_kwargs: Any) -> nn.Module:
         model: a DDP-wrapped model (or a bare module, which is wrapped).
         ddp_kwargs: options overriding those read from the old wrapper.
     """
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     inner = model.module if isinstance(model, DDP) else model
     opts = _ddp_options(model) if isinstance(model, DDP) else {}
     opts.update(ddp_kwargs)
@@ -114,8 +114,6 @@ def rebuild_ddp(model: nn.Module) -> nn.Module:
     Returns:
         ``model``.
     """
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     if not isinstance(model, DDP):
         return model
     opts = _ddp_options(model)
@@ -136,9 +134,6 @@ def ddp_of(model: nn.Module) -> Any:
     notes the DDP instance that is running it. Returns an object whose ``get()`` gives the wrapper (or None)
     and whose ``remove()`` removes the hook.
     """
-    import weakref
-
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     class _Recorder:
         ref = None
@@ -199,7 +194,7 @@ def shard_dendritic(model: nn.Module, *, shard_root: bool = True, **fsdp_kwargs:
     Returns:
         ``model``, sharded in place.
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard  # here: builds without distributed support lack it
 
     layers = dendritic_layers(model)
     if not layers:

@@ -16,11 +16,15 @@ hook loads it with ``check_base=False`` because the framework loads the base wei
 
 from __future__ import annotations
 
+import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError
@@ -60,11 +64,6 @@ def pack(model: nn.Module, controller: Any = None) -> Dict[str, torch.Tensor]:
 
 def add_to_file(path: Path, model: nn.Module, controller: Any = None) -> None:
     """Add the entries to a framework's safetensors weights file that lacks them (rewritten atomically)."""
-    import os
-
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
     with safe_open(str(path), framework="pt") as f:
         if any(k.startswith(PREFIX) for k in f.keys()):
             return
@@ -151,8 +150,6 @@ def load_entries(
 
 
 def _recipe(folder: Path) -> Optional[dict]:
-    import json
-
     try:
         doc = json.loads((folder / RECIPE).read_text())
     except (OSError, ValueError):

@@ -15,16 +15,23 @@ merged model computes the same function (up to float rounding), with dendrites o
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Dict, List, Tuple
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from ..config import DendriteConfig
 from ..correlation import candidates_of
-from ..errors import StateError
+from ..errors import CheckpointError, StateError
 from ..layer import DendriticLayer
+from ..persistence import load
+from ..persistence.codec import MAX_JSON_BYTES, loads
+from ..persistence.recipe import RECIPE
 from ..surgery import _RECORD, MISSING, add_dendrites, dendritic_layers, remove_dendrites
+from . import embedded
+from .transformers import guard as transformers_guard
 
 __all__ = ["from_pretrained", "merge_and_unload"]
 
@@ -48,6 +55,21 @@ def _refuse_merge(*args, **kwargs):
 
 def _refuse_unload(*args, merge: bool = True, **kwargs):
     _refuse("merge_and_unload()" if merge else "unload()")
+
+
+def after_wrap(model: nn.Module, record) -> None:
+    """Run by :func:`torch_dendrites.add_dendrites` on a model holding peft modules: peft's
+    ``merge_and_unload()``/``unload()`` would fold or drop adapters that now carry dendrites, so they refuse;
+    a peft model's ``save_pretrained`` keeps the dendrites."""
+    has = [t for _, t in tuner_layers(model) for a in ("lora_A", "lora_B") if _has_dendrites(getattr(t, a))]
+    if has:
+        guard(model, record.restore)
+    if type(model).__module__.startswith("peft.") and callable(getattr(model, "save_pretrained", None)):
+        transformers_guard(model)
+
+
+def _has_dendrites(module: nn.Module) -> bool:
+    return any(isinstance(m, DendriticLayer) for m in module.modules())
 
 
 def tuner_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
@@ -231,15 +253,7 @@ def from_pretrained(base_model: nn.Module, path, controller=None) -> nn.Module:
         >>> torch.equal(loaded(x), model.eval()(x))
         True
     """
-    from pathlib import Path
-
-    import peft
-    from safetensors.torch import load_file
-
-    from ..errors import CheckpointError
-    from ..persistence import load
-    from ..persistence.recipe import RECIPE
-    from . import embedded
+    import peft  # peft itself only where it is used: wrapping and merging need only the model's classes
 
     path = Path(path)
     file = path / embedded.PEFT_FILE
@@ -270,18 +284,13 @@ def from_pretrained(base_model: nn.Module, path, controller=None) -> nn.Module:
             controller.model = old_model
         model.unload()  # peft injected its adapters into base_model in place: take them off again
         raise
-    from .transformers import guard
-
-    guard(model)
+    transformers_guard(model)
     return model.eval()
 
 
 def _recipe_configs(recipe_file) -> dict:
     """The peft configs recorded in a td.save folder's recipe (td.load checks the whole recipe afterwards)."""
     import peft
-
-    from ..errors import CheckpointError
-    from ..persistence.codec import MAX_JSON_BYTES, loads
 
     data = recipe_file.read_bytes()[: MAX_JSON_BYTES + 1]
     doc = loads(data, recipe_file)

@@ -39,6 +39,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from ..config import GrowthConfig
@@ -139,8 +140,6 @@ def from_pretrained(model_class: Any, path: Union[str, Path], controller: Any = 
         >>> torch.equal(loaded(ids).last_hidden_state, model.eval()(ids).last_hidden_state)
         True
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     weights = sorted(path.glob("model*.safetensors"))
     if not weights:
@@ -177,6 +176,15 @@ def _load_with_structure(model: nn.Module, state: dict, controller: Any = None) 
     lacking = [k for k in result.missing_keys if k in left_out and present[k].data_ptr() not in loaded]
     if lacking:
         raise CheckpointError(f"the folder's weights lack the base tensors {lacking[:4]}; it is incomplete.")
+
+
+def after_wrap(model: nn.Module, record) -> None:
+    """Run by :func:`torch_dendrites.add_dendrites` on a model holding transformers modules: a
+    ``PreTrainedModel``'s ``save_pretrained`` (``Trainer.save_model``, checkpoints, ``push_to_hub``) keeps the
+    dendrites, and a stock ``from_pretrained`` of what it writes refuses instead of silently re-initialising the
+    wrapped layers. (A peft model on top is guarded by the peft integration.)"""
+    if type(model).__module__.startswith("transformers.") and callable(getattr(model, "save_pretrained", None)):
+        guard(model)
 
 
 def guard(model: nn.Module) -> None:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Tuple
 
 import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 
 from ..errors import CheckpointError
 
@@ -163,9 +165,7 @@ def sha256(data) -> str:
 
 
 def safetensors_bytes(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> bytes:
-    from safetensors.torch import save
-
-    return save(tensors, metadata=metadata)
+    return safetensors_save(tensors, metadata=metadata)
 
 
 # ---------------------------------------------------------------------- decoding JSON
@@ -345,9 +345,7 @@ def read_data(fs, fd: int, header: Header, where: object) -> Tuple[Dict[str, tor
     h = hashlib.sha256(header.raw)
     h.update(buf)
     if sys.byteorder != "little":  # pragma: no cover - safetensors data is little-endian
-        from safetensors.torch import load
-
-        return load(bytes(header.raw) + bytes(buf)), h.hexdigest()
+        return safetensors_load(bytes(header.raw) + bytes(buf)), h.hexdigest()
     out = {}
     for key, e in header.entries.items():
         if e.nbytes == 0:

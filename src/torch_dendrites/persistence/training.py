@@ -13,6 +13,7 @@ import math
 import random
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from ..distributed import is_sharded, shard_like
@@ -156,8 +157,6 @@ def encode_training(optimizer, scheduler, rng: bool, generators, extra, save_id:
             {"class": type(scheduler).__name__, "state": scheduler.state_dict()}, "scheduler"
         )
     if rng:
-        import numpy as np
-
         np_state = np.random.get_state()
         doc["rng"] = packer.encode(
             {
@@ -434,8 +433,6 @@ class Training:
             random.Random().setstate((py[0], tuple(py[1]), py[2]))
         except (TypeError, ValueError, IndexError, KeyError, OverflowError):
             raise CheckpointError(f"{where}.python is not a random.getstate() value.") from None
-        import numpy as np
-
         try:
             if not (isinstance(npst, list) and len(npst) == 5 and isinstance(npst[1], list)):
                 raise ValueError
@@ -516,8 +513,6 @@ def _set_scheduler(scheduler, state: dict, add_undo: Callable[[Undo], None]) -> 
 
 
 def _set_rng(r: dict, add_undo: Callable[[Undo], None]) -> None:
-    import numpy as np
-
     before = (
         torch.get_rng_state(),
         torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],

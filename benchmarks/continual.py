@@ -114,12 +114,9 @@ def pools(quick: bool):
             return protos[y] + 1.5 * torch.randn(n, 784, generator=g), y
 
         return split(600), split(200), split(200)
-    sys.path.insert(0, str(ROOT / "examples" / "mnist"))
-    import data as mnist_data
-
     try:
-        parts = mnist_data.load(ROOT / "data", train_size=50_000, val_size=10_000, seed=0)
-    except mnist_data.DataNotFound as exc:
+        parts = td.datasets.load_mnist(ROOT / "data", train_size=50_000, val_size=10_000, seed=0)
+    except td.datasets.DataNotFound as exc:
         raise SystemExit(
             f"{exc}\nFetch it with: .venv/bin/python examples/mnist/fetch_data.py --data-dir data"
         ) from None

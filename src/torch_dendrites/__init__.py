@@ -12,6 +12,7 @@ Example:
     True
 """
 
+from . import datasets as datasets
 from ._version import __version__ as __version__
 from .config import DendriteConfig, GrowthConfig
 from .context import TaskPrototypes

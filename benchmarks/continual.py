@@ -56,7 +56,6 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(HERE))
 import stats  # noqa: E402
 from experiment import RunLog, search_lr  # noqa: E402

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import statistics
 import sys
 import time
@@ -43,7 +42,9 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stats import compare, mean_sd  # noqa: E402
+
 import torch_dendrites as td  # noqa: E402
 
 HIDDEN, QUICK_HIDDEN = 64, 16
@@ -243,19 +244,11 @@ def run_permuted(arm, model, data, protocol, epochs, seed):
 
 
 # ------------------------------------------------------------------------------------------ report
-def mean_sd(values):
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def verdict(arm, rows, ref, ref_rows):
-    """``(beats, line)``: whether ``arm`` beats ``ref`` beyond two standard errors, and the sentence saying so."""
-    a, b = [r["test"] for r in rows], [r["test"] for r in ref_rows]
-    diff = statistics.fmean(a) - statistics.fmean(b)
-    se = math.sqrt(sum((mean_sd(v)[1] ** 2) / len(v) for v in (a, b)))
-    word = "beats" if diff > 2 * se else ("does not significantly beat" if diff > 0 else "does not beat")
+    """``(beats, line)``: whether ``arm`` beats ``ref`` beyond two standard errors (stats.py), and the sentence."""
+    c = compare([r["test"] for r in rows], [r["test"] for r in ref_rows])
     ratio = statistics.fmean(r["params"] for r in rows) / statistics.fmean(r["params"] for r in ref_rows)
-    line = f"- {arm} {word} {ref}: {diff:+.2f} test points (2 s.e. = {2 * se:.2f}), at {ratio:.2f}x its parameters."
-    return word == "beats", line
+    return c.beats, f"- {c.sentence(arm, ref, 'test points')}, at {ratio:.2f}x its parameters."
 
 
 def table(rows, arms, pairs, epochs=None):

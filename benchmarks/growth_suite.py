@@ -37,6 +37,9 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+from stats import mean_sd  # noqa: E402
+from tasks import TabularMLP, tabular_data  # noqa: E402
 
 import torch_dendrites as td  # noqa: E402
 
@@ -91,16 +94,10 @@ def _mnist(seed: int):
 
 
 def _tabular(seed: int):
-    sys.path.insert(0, str(HERE))
-    from tasks import tabular_data
-
     return tabular_data(seed, False)
 
 
 def _tabular_model():
-    sys.path.insert(0, str(HERE))
-    from tasks import TabularMLP
-
     return TabularMLP(1.0)
 
 
@@ -295,10 +292,6 @@ def sweep(tasks: List[str], seeds: int, out: Path, trainings=("gd", "correlation
                     )
 
 
-def _mean_sd(xs):
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
 def table(path: Path, md: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     groups: Dict[tuple, List[dict]] = {}
@@ -327,7 +320,7 @@ def table(path: Path, md: Path) -> str:
             ]
             ranked = sorted(sub.items(), key=lambda kv: -statistics.fmean(r[metric[task]] for r in kv[1]))
             for (_, _, knobs), rs in ranked:
-                m, s = _mean_sd([100 * r[metric[task]] for r in rs])
+                m, s = mean_sd([100 * r[metric[task]] for r in rs])
                 solved = sum(r["train_acc"] == 1.0 for r in rs)
                 lines.append(
                     f"| {', '.join(f'{k}={v}' for k, v in json.loads(knobs).items())} | {m:.2f} ± {s:.2f} | "
@@ -371,7 +364,7 @@ def spirals_benchmark(seeds: int, out_md: Path, patience: int = 5) -> str:
     ]
     for arm, rs in runs.items():
         solved = sum(r["train_acc"] == 1.0 for r in rs)
-        tr, te = _mean_sd([100 * r["train_acc"] for r in rs]), _mean_sd([100 * r["test_acc"] for r in rs])
+        tr, te = mean_sd([100 * r["train_acc"] for r in rs]), mean_sd([100 * r["test_acc"] for r in rs])
         ks = [r.get("dendrites", 0) for r in rs]
         dend = "" if arm == "mlp" else f"{statistics.fmean(ks):.1f} ({min(ks)}-{max(ks)})"
         lines.append(

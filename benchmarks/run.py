@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,6 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from stats import compare, mean_sd  # noqa: E402
 from tasks import TASKS, quick_variant  # noqa: E402
 
 ARMS = ["baseline", "width-matched", "gd", "correlation", "perforatedai"]
@@ -62,32 +61,14 @@ def run_one(task, arm, seed, quick, target, work: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def mean_sd(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def verdict(name, arm_rows, ref_rows, ref_name):
+    """One verdict line: ``name`` against ``ref_name`` on the test score, by the one rule in stats.py."""
     a = [r["test"] for r in arm_rows if "test" in r]
     b = [r["test"] for r in ref_rows if "test" in r]
     if not a or not b:
         return f"- {name} vs {ref_name}: no comparison ({ref_name} did not run)."
-    (ma, sa), (mb, sb) = mean_sd(a), mean_sd(b)
-    se = math.sqrt(sa**2 / len(a) + sb**2 / len(b))
-    diff = ma - mb
-    if min(len(a), len(b)) < 2:
-        word = "(one seed, no significance test) differs from"
-    elif abs(diff) > 2 * se:
-        word = "beats" if diff > 0 else "is worse than"
-    else:
-        word = "does not beat" if diff <= 0 else "does not significantly beat"
     pa, pb = mean_sd([r["params"] for r in arm_rows])[0], mean_sd([r["params"] for r in ref_rows])[0]
-    return (
-        f"- {name} {word} {ref_name}: {diff:+.2f} test points (2 s.e. = {2 * se:.2f}), "
-        f"at {pa / pb:.2f}x its parameters."
-    )
+    return f"- {compare(a, b).sentence(name, ref_name, 'test points')}, at {pa / pb:.2f}x its parameters."
 
 
 def write_results(task, rows, seeds, quick, out_dir: Path):

@@ -18,7 +18,10 @@ def uniform(shape, bound: float, like: torch.Tensor, generator: Optional[torch.G
     """``U(-bound, bound)`` with ``like``'s dtype and device.
 
     Drawn on the CPU in float32, so that a seeded generator gives the same dendrites on every device and rank.
+    On the ``meta`` device nothing is drawn or allocated (a meta-built model is initialised when materialised).
     """
+    if like.is_meta:
+        return torch.empty(shape, dtype=like.dtype, device="meta")
     t = torch.rand(shape, generator=generator, dtype=torch.float32) * (2 * bound) - bound
     return t.to(device=like.device, dtype=like.dtype)
 

@@ -58,7 +58,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 import stats  # noqa: E402
-from experiment import RunLog, search_lr  # noqa: E402
+from experiment import RunLog, final_runs, search_lr  # noqa: E402
 
 import torch_dendrites as td  # noqa: E402
 
@@ -316,14 +316,8 @@ def experiment(s: Setting, data, seeds: int, log: RunLog, only: Optional[List[st
 
         lr, tried, at_edge = search_lr(score, s.lr_grid, s.max_extend)
         chosen[name] = {"lr": lr, "tried": tried, "at_edge": at_edge}
-    for seed in range(seeds):
-        for name, arm in arms.items():
-            lr = chosen[name]["lr"]
-            key = {"tasks": s.tasks, "phase": "final", "arm": name, "seed": seed, "lr": lr}
-            row, new = log.run_once(key, run, arm, s, data, seed, lr, test=True)
-            if new:
-                print(f"{s.tasks:3d} tasks  seed {seed} {name:18s} lr {lr:g}: test {row['test']:.2f} "
-                      f"({row['params']:,} params, {row['wall_s']:.0f} s)", flush=True)  # fmt: skip
+    lrs = {name: c["lr"] for name, c in chosen.items()}
+    final_runs(log, run, arms, lrs, seeds, {"tasks": s.tasks}, lambda seed: (s, data, seed), f"{s.tasks:3d} tasks ")
     return {"arms": arms, "chosen": chosen}
 
 

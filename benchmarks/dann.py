@@ -54,7 +54,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 import stats  # noqa: E402
-from experiment import RunLog, search_lr  # noqa: E402
+from experiment import RunLog, final_runs, search_lr  # noqa: E402
 
 import torch_dendrites as td  # noqa: E402
 
@@ -241,14 +241,10 @@ def experiment(s: Setting, data, seeds: int, log: RunLog, orders, only=None, reu
                 continue
             lr, tried, at_edge = search_lr(score, s.lr_grid, s.max_extend)
             chosen[(order, name)] = {"lr": lr, "tried": tried, "at_edge": at_edge}
-        for seed in range(seeds):
-            for name, arm in arms.items():
-                lr = chosen[(order, name)]["lr"]
-                key = {"order": order, "phase": "final", "arm": name, "seed": seed, "lr": lr}
-                row, new = log.run_once(key, run, arm, s, data, order, seed, lr, test=True)
-                if new:
-                    print(f"{order:13s} seed {seed} {name:16s} lr {lr:g}: test {row['test']:.2f} "
-                          f"({row['params']:,} params, {row['wall_s']:.0f} s)", flush=True)  # fmt: skip
+        lrs = {name: chosen[(order, name)]["lr"] for name in arms}
+        final_runs(
+            log, run, arms, lrs, seeds, {"order": order}, lambda seed, o=order: (s, data, o, seed), f"{order:13s}"
+        )
     return {"arms": arms, "chosen": chosen}
 
 

@@ -93,3 +93,17 @@ class RunLog:
         tmp = self.path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.doc, indent=1))
         tmp.replace(self.path)
+
+
+def final_runs(log: RunLog, run: Callable[..., dict], arms: dict, lrs: Dict[str, float], seeds: int, key: dict,
+               args: Callable[[int], tuple], label: str) -> None:  # fmt: skip
+    """Every arm at its chosen learning rate (``lrs[name]``) on the reported seeds, scored on test: ``run(arm,
+    *args(seed), lr, test=True)``, logged under ``key`` plus phase, arm, seed and lr (finished runs are kept)."""
+    for seed in range(seeds):
+        for name, arm in arms.items():
+            lr = lrs[name]
+            row, new = log.run_once({**key, "phase": "final", "arm": name, "seed": seed, "lr": lr}, run, arm,
+                                    *args(seed), lr, test=True)  # fmt: skip
+            if new:
+                print(f"{label} seed {seed} {name:18s} lr {lr:g}: test {row['test']:.2f} "
+                      f"({row['params']:,} params, {row['wall_s']:.0f} s)", flush=True)  # fmt: skip

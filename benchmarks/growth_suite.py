@@ -187,6 +187,7 @@ def run_growth(task: SuiteTask, seed: int, training: str = "gd", **knobs) -> Dic
     train, val, test = task.data(seed)
     dcfg = td.DendriteConfig(**({"init_scale": knobs.pop("init_scale")} if "init_scale" in knobs else {}))
     lr_scale = knobs.pop("lr_scale", td.optim.DENDRITE_LR_SCALE)
+    keep_state = knobs.pop("keep_state", False)  # after growth: td.sync_optimizer keeping Adam's moments
     model = td.add_dendrites(task.build(), dcfg)
     cfg = td.GrowthConfig(
         dendrite_training=training,
@@ -209,7 +210,10 @@ def run_growth(task: SuiteTask, seed: int, training: str = "gd", **knobs) -> Dic
         score = -tr_loss if task.score == "-train_loss" else va_acc
         r = ctl.step(score, test_acc=_evaluate(task, model, test)[1], train_acc=tr_acc, val_acc=va_acc)
         if r.restructured:
-            opt = make_opt()
+            if keep_state:
+                td.sync_optimizer(opt, model, reset_state=False)
+            else:
+                opt = make_opt()
     tr_loss, tr_acc = _evaluate(task, model, train)
     events = [row["event"] for row in ctl.history if row["event"]]
     return {

@@ -493,11 +493,11 @@ def test_snapshot_is_on_the_cpu_and_skips_frozen_base_weights():
 
 
 # ---------------------------------------------------------------------------------------- older saved states
-FIXTURES = Path(__file__).with_name("data") / "v1"
+FIXTURES = Path(__file__).with_name("fixtures") / "v1_controller"
 
 
 def test_version_1_controller_state_loads_and_continues():
-    """A gd run saved by torch-dendrites 0.1.0 right after a retry (tests/data/make_v1_fixtures.py)."""
+    """A gd run saved by torch-dendrites 0.1.0 right after a retry (tests/fixtures/make_v1_controller_fixtures.py)."""
     model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
     ctl = td.GrowthController(td.add_dendrites(copy.deepcopy(model)), td.GrowthConfig(patience=1, seed=0))
     td.load(FIXTURES / "gd_trial", model, ctl)

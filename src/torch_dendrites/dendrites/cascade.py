@@ -2,13 +2,15 @@
 
 Dendrite ``i`` of a layer is a fresh copy of the layer's shape fed the same input. Per output channel
 ``c``: ``z_i = D_i(x) + sum_{j<i} u_ij[c] * s_j``, ``s_i = act(z_i)``, and the layer returns
-``y + sum_i v_i[c] * s_i``. New ``u`` and ``v`` start at zero, so growth never changes the function.
+``y + sum_i v_i[c] * s_i``. New ``v`` start at zero, so growth never changes the function; new ``u`` start
+random (:func:`cascade_init`).
 All ``D_i`` run as one batched op (the layer spec stacks their weights); the cascade itself is a cheap
 per-channel loop over the (few) dendrites.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import torch
@@ -16,7 +18,7 @@ from torch import nn
 
 from ..correlation import CorrelationStats, candidate_tap
 from ..errors import StateError
-from .base import ACTIVATIONS, INIT_SCALE, DendriteStack
+from .base import ACTIVATIONS, INIT_SCALE, DendriteStack, uniform
 
 __all__ = ["CascadeDendrites", "Dendrite"]
 
@@ -114,18 +116,33 @@ class _Cascade(torch.autograd.Function):
         return (grad_a, g, grad_v, None, None, None, *grad_u)
 
 
+def cascade_init(
+    index: int, num_neurons: int, scale: float, like: torch.Tensor, generator: Optional[torch.Generator]
+) -> Optional[torch.Tensor]:
+    """The cascade gains ``u`` of a new dendrite from the ``index`` dendrites before it: uniform with bound
+    ``scale / sqrt(index)`` (the default initialisation of a layer with that fan-in, times ``scale``). They may
+    start random because the new dendrite's output gain starts at zero (growth still changes nothing), and so
+    the new dendrite reads the earlier dendrites' features from its first step, as a Cascade-Correlation unit
+    reads the hidden units before it; zero cascade gains get no gradient until the output gain has grown."""
+    if index == 0:
+        return None
+    return uniform((index, num_neurons), scale / math.sqrt(index), like, generator)
+
+
 class Dendrite(nn.Module):
     """One dendrite for every neuron of a layer: its own copy of the layer's weights, an output gain ``v``
     per neuron, and cascade gains ``u`` from each earlier dendrite (absent for the first)."""
 
-    def __init__(self, weights: dict, index: int, num_neurons: int):
+    def __init__(self, weights: dict, index: int, num_neurons: int, cascade: Optional[torch.Tensor] = None):
         super().__init__()
         like = next(iter(weights.values()))
         for name, t in weights.items():
             self.register_parameter(name, nn.Parameter(t))
         self.out_gain = nn.Parameter(torch.zeros(num_neurons, dtype=like.dtype, device=like.device))
         if index > 0:
-            self.cascade_gain = nn.Parameter(torch.zeros(index, num_neurons, dtype=like.dtype, device=like.device))
+            if cascade is None:
+                cascade = torch.zeros(index, num_neurons, dtype=like.dtype, device=like.device)
+            self.cascade_gain = nn.Parameter(cascade)
         else:
             self.cascade_gain = None
 
@@ -155,9 +172,13 @@ class CascadeDendrites(DendriteStack):
         self, generator: Optional[torch.Generator] = None, index: Optional[int] = None, scale: Optional[float] = None
     ) -> Dendrite:
         """A new dendrite (not attached): the layer's default initialisation times ``scale`` (default
-        ``init_scale``), zero output gain, zero cascade gains from the ``index`` dendrites before it."""
-        weights = self.spec.init_params(self._base[0], self.init_scale if scale is None else scale, generator)
-        return Dendrite(weights, self.num_dendrites if index is None else index, self.num_neurons)
+        ``init_scale``), zero output gain, and random cascade gains from the ``index`` dendrites before it."""
+        scale = self.init_scale if scale is None else scale
+        index = self.num_dendrites if index is None else index
+        weights = self.spec.init_params(self._base[0], scale, generator)
+        return Dendrite(
+            weights, index, self.num_neurons, cascade_init(index, self.num_neurons, scale, self._like(), generator)
+        )
 
     # ------------------------------------------------------------- correlation candidates
     def new_candidates(

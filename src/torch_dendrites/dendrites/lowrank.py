@@ -17,8 +17,8 @@ neurons, so every dendrite still reads only its neuron's input group (the rank i
 Hugging Face's GPT-2 ``Conv1D`` is handled as the linear layer it is. Other layer types are refused.
 
 Initialisation: ``A`` takes PyTorch's default bound ``1/sqrt(fan_in)`` (so ``A x`` is of order one), and
-``B`` and ``b`` are scaled by ``init_scale``, so ``z`` starts as small as a cascade dendrite's. ``v`` and
-``u`` start at zero: growth never changes the function. The ``k`` dendrites of a layer run as one matmul
+``B`` and ``b`` are scaled by ``init_scale``, so ``z`` starts as small as a cascade dendrite's. ``v`` starts
+at zero: growth never changes the function; ``u`` starts random, as in the cascade type. The ``k`` dendrites of a layer run as one matmul
 (or one grouped convolution) for all ``A`` and one batched contraction for all ``B``; the nonlinearity,
 cascade and gains reuse the cascade type's fused op.
 
@@ -46,7 +46,7 @@ from torch import nn
 
 from ..errors import StateError
 from .base import INIT_SCALE, DendriteStack, uniform
-from .cascade import _Cascade, _cascade_reference
+from .cascade import _Cascade, _cascade_reference, cascade_init
 from .options import DendriteOptions, check_int
 
 __all__ = ["LowRankDendrite", "LowRankDendrites", "LowRankOptions", "apply_cascade"]
@@ -69,7 +69,7 @@ class LowRankDendrite(nn.Module):
     """One low-rank dendrite for every neuron of a layer: ``in_proj`` (``A``), ``out_proj`` (``B``), ``bias``,
     the output gain ``out_gain`` (``v``) and cascade gains ``cascade_gain`` (``u``, absent for the first)."""
 
-    def __init__(self, in_proj, out_proj, bias, index: int):
+    def __init__(self, in_proj, out_proj, bias, index: int, cascade: Optional[torch.Tensor] = None):
         super().__init__()
         self.in_proj = nn.Parameter(in_proj)
         self.out_proj = nn.Parameter(out_proj)
@@ -77,7 +77,9 @@ class LowRankDendrite(nn.Module):
         c = bias.shape[0]
         self.out_gain = nn.Parameter(torch.zeros(c, dtype=bias.dtype, device=bias.device))
         if index > 0:
-            self.cascade_gain = nn.Parameter(torch.zeros(index, c, dtype=bias.dtype, device=bias.device))
+            self.cascade_gain = nn.Parameter(
+                torch.zeros(index, c, dtype=bias.dtype, device=bias.device) if cascade is None else cascade
+            )
         else:
             self.cascade_gain = None
 
@@ -112,7 +114,9 @@ class LowRankDendrites(DendriteStack):
         in_proj = uniform((g * r, *self.fan_in_shape), 1.0 / math.sqrt(fan_in), like, generator)
         out_proj = uniform((c, r), self.init_scale / math.sqrt(r), like, generator)
         bias = uniform((c,), self.init_scale / math.sqrt(fan_in), like, generator)
-        return LowRankDendrite(in_proj, out_proj, bias, self.num_dendrites if index is None else index)
+        index = self.num_dendrites if index is None else index
+        cascade = cascade_init(index, c, self.init_scale, like, generator)  # as the cascade type's (see there)
+        return LowRankDendrite(in_proj, out_proj, bias, index, cascade)
 
     def _pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """All dendrites' ``B A x + b``, shaped like the layer output with ``k * C`` neurons (dendrite-major)."""

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peer  # noqa: E402
 from tasks import TASKS, quick_variant  # noqa: E402
 
 import torch_dendrites as td  # noqa: E402
@@ -115,35 +116,20 @@ def run_ours(task, arm, seed, splits, target, quick=False):
 
 def run_peer(task, seed, splits, quick=False):
     """perforatedai 3.2.9, gradient-descent dendrites, driven non-interactively with the same budget."""
-    try:
-        from perforatedai import globals_perforatedai as GPA
-        from perforatedai import utils_perforatedai as UPA
-    except ImportError as exc:
-        return {"error": f"perforatedai is not installed ({exc}); run make test/bench to install it"}
     train, val, test = splits
     torch.manual_seed(seed)
     model = task.build(1.0)
-    pc = GPA.pc
-    pc.set_configuration_confirmed(True)  # no interactive set-up screen
-    pc.set_testing_dendrite_capacity(False)  # not its "add a set every epoch" test mode
-    pc.set_perforated_backpropagation(False)  # its GD dendrites (the correlation mode is licensed)
-    pc.set_unwrapped_modules_confirmed(True)  # no pdb stop for parameters outside wrapped layers
+    ids = None
     if task.peer_only:  # the same layers as ours (e.g. only the LoRA adapters; frozen layers make it stop)
-        pc.set_module_names_to_perforate([])
-        ids = [
-            n for n, m in model.named_modules() if task.peer_only in n + "." and type(m).__name__ in task.peer_modules
-        ]
-        pc.set_module_ids_to_perforate(["." + n for n in ids])
-    else:
-        pc.set_module_names_to_perforate(list(task.peer_modules))
-    # quick runs switch every epoch (to exercise growth), real runs on a plateau of `patience` epochs
-    pc.set_switch_mode(pc.DOING_SWITCH_EVERY_TIME if quick else pc.DOING_HISTORY)
-    pc.set_n_epochs_to_switch(task.patience)
-    pc.set_max_dendrites(task.max_dendrites)
-    pc.set_max_dendrite_tries(2)
-    pc.set_test_saves(False)
-    pc.set_drawing_extra_graphs(False)
-    pc.set_silent(True)
+        named = model.named_modules()
+        ids = ["." + n for n, m in named if task.peer_only in n + "." and type(m).__name__ in task.peer_modules]
+    try:
+        # quick runs switch every epoch (to exercise growth), real runs on a plateau of `patience` epochs
+        GPA, UPA = peer.configure(
+            task.peer_modules, ids, "every" if quick else "history", task.patience, task.max_dendrites, 2
+        )
+    except ImportError as exc:
+        return {"error": str(exc)}
     model = UPA.perforate_model(model, save_name="pai", making_graphs=False, maximizing_score=True)
     if task.peer_output_dims is not None:  # [batch, tokens, C] outputs: the layout its docs ask for
         for m in model.modules():

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import peer  # noqa: E402
 
 
 def cnn():
@@ -36,21 +37,8 @@ def cnn():
 
 
 def peer_model(k: int, switch_every: bool = True):
-    from perforatedai import globals_perforatedai as GPA
-    from perforatedai import utils_perforatedai as UPA
-
-    pc = GPA.pc
-    pc.set_configuration_confirmed(True)
-    pc.set_testing_dendrite_capacity(False)
-    pc.set_perforated_backpropagation(False)
-    pc.set_unwrapped_modules_confirmed(True)
-    pc.set_module_names_to_perforate(["Conv2d", "Linear"])
     # each score adds a dendrite set (or, for the bookkeeping measurement, never)
-    pc.set_switch_mode(pc.DOING_SWITCH_EVERY_TIME if switch_every else pc.DOING_NO_SWITCH)
-    pc.set_max_dendrites(10)
-    pc.set_test_saves(False)
-    pc.set_drawing_extra_graphs(False)
-    pc.set_silent(True)
+    GPA, UPA = peer.configure(["Conv2d", "Linear"], switch="every" if switch_every else "never", max_dendrites=10)
     model = UPA.perforate_model(cnn(), save_name="speed", making_graphs=False, maximizing_score=True)
     GPA.pai_tracker.set_optimizer(torch.optim.SGD)
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
@@ -128,8 +116,7 @@ def _bookkeeping(lib, variant) -> dict:
             ctl.step(0.5)
             ts.append(time.perf_counter() - t0)
     else:
-        from perforatedai import globals_perforatedai as GPA
-
+        GPA, _ = peer.load()
         m, _, _ = GPA.pai_tracker.add_validation_score(1.0, variant)
         for _ in range(30):
             t0 = time.perf_counter()
@@ -153,15 +140,7 @@ def convert_gpt2() -> dict:
     td.grow(model)
     res["ours_grow_s"] = time.perf_counter() - t0
     try:
-        from perforatedai import globals_perforatedai as GPA
-        from perforatedai import utils_perforatedai as UPA
-
-        pc = GPA.pc
-        pc.set_configuration_confirmed(True)
-        pc.set_unwrapped_modules_confirmed(True)
-        pc.set_testing_dendrite_capacity(False)
-        pc.set_module_names_to_perforate(["Conv1D", "Linear"])
-        pc.set_silent(True)
+        GPA, UPA = peer.configure(["Conv1D", "Linear"])
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config())
         t0 = time.perf_counter()
         UPA.perforate_model(model, save_name="gpt2", making_graphs=False, maximizing_score=True)

@@ -158,6 +158,9 @@ def test_double_add_and_remove_without_dendrites():
         ({"filter_fn": 3}, "filter_fn"),
         ({"dendrite_type": "spiky"}, "dendrite_type"),
         ({"activation": "relu6"}, "activation"),
+        ({"activation": ["sigmoid"]}, "activation"),  # unhashable: a ConfigError, not a raw TypeError
+        ({"dendrite_type": ["cascade"]}, "dendrite_type"),
+        ({"dendrite_options": [("rank", 2)]}, "dendrite_options"),
         ({"init_scale": 0}, "init_scale"),
         ({"init_scale": float("nan")}, "init_scale"),
         ({"neuron_axis": 1.5}, "neuron_axis"),

@@ -113,12 +113,12 @@ class DendriteConfig:
         _check_patterns(self.exclude, "exclude")
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise ConfigError(f"filter_fn={self.filter_fn!r} is not callable; pass fn(module, name) -> bool.")
-        if self.dendrite_type not in DENDRITE_TYPES:
+        if not isinstance(self.dendrite_type, str) or self.dendrite_type not in DENDRITE_TYPES:
             raise ConfigError(
                 f"dendrite_type={self.dendrite_type!r} is unknown; choose one of {sorted(DENDRITE_TYPES.names())}."
             )
         self.dendrite_options = _options_dict(self.dendrite_type, self.dendrite_options)
-        if self.activation not in ACTIVATIONS:
+        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
             raise ConfigError(f"activation={self.activation!r} is unknown; choose one of {list(ACTIVATIONS)}.")
         if (
             isinstance(self.init_scale, bool)

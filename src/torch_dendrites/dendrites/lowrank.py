@@ -18,8 +18,9 @@ Hugging Face's GPT-2 ``Conv1D`` is handled as the linear layer it is. Other laye
 
 Initialisation: ``A`` takes PyTorch's default bound ``1/sqrt(fan_in)`` (so ``A x`` is of order one), and
 ``B`` and ``b`` are scaled by ``init_scale``, so ``z`` starts as small as a cascade dendrite's. ``v`` starts
-at zero: growth never changes the function; ``u`` starts random, as in the cascade type. The ``k`` dendrites of a layer run as one matmul
-(or one grouped convolution) for all ``A`` and one batched contraction for all ``B``; the nonlinearity,
+at zero: growth never changes the function; ``u`` starts random, as in the cascade type. The ``k`` dendrites
+of a layer run as one matmul (or one grouped convolution) for all ``A`` and one batched contraction for all
+``B``; the nonlinearity,
 cascade and gains reuse the cascade type's fused op.
 
 Options (``DendriteConfig(dendrite_options={...})``):

@@ -167,6 +167,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("task", help=f"one of {sorted(TASKS)}, several joined by commas, or all")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument(
+        "--first-seed", type=int, default=0, help="run seeds first-seed .. seeds-1 (split a run over processes)"
+    )
     ap.add_argument("--quick", action="store_true")
     ap.add_argument(
         "--skip-extra", action="store_true", help="leave out the tasks' extra arms (imdb's MiniLM fine-tune)"
@@ -182,7 +185,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     out = args.out or (Path(tempfile.mkdtemp(prefix="bench-quick-")) if args.quick else HERE / "results")
     arms = [a for a in args.arms.split(",") if a]
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.first_seed, args.seeds))
     tasks = sorted(TASKS) if args.task == "all" else args.task.split(",")
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:

@@ -28,10 +28,12 @@ from tasks import TASKS, quick_variant  # noqa: E402
 ARMS = ["baseline", "width-matched", "gd", "correlation", "perforatedai"]
 
 
-def run_one(task, arm, seed, quick, target, work: Path) -> dict:
+def run_one(task, arm, seed, quick, target, work: Path, report_only: bool = False) -> dict:
     out = work / f"{task}-{arm}-{seed}.json"
     if out.exists():  # a resumed run (--work): this arm finished before
         return json.loads(out.read_text())
+    if report_only:
+        return {"task": task, "arm": arm, "seed": seed, "error": "not run"}
     cmd = [
         sys.executable,
         str(HERE / "run_arm.py"),
@@ -66,8 +68,9 @@ def verdict(name, arm_rows, ref_rows, ref_name):
     a = [r["test"] for r in arm_rows if "test" in r]
     b = [r["test"] for r in ref_rows if "test" in r]
     if not a or not b:
-        return f"- {name} vs {ref_name}: no comparison ({ref_name} did not run)."
-    pa, pb = mean_sd([r["params"] for r in arm_rows])[0], mean_sd([r["params"] for r in ref_rows])[0]
+        return f"- {name} vs {ref_name}: no comparison ({name if not a else ref_name} did not run)."
+    pa = mean_sd([r["params"] for r in arm_rows if "params" in r])[0]
+    pb = mean_sd([r["params"] for r in ref_rows if "params" in r])[0]
     return f"- {compare(a, b).sentence(name, ref_name, 'test points')}, at {pa / pb:.2f}x its parameters."
 
 
@@ -112,8 +115,10 @@ def write_results(task, rows, seeds, quick, out_dir: Path):
         kept = f"{sum(1 for r in ok if r['dendrites'] >= 1)} / {len(ok)}" if grew else ""
         gains = [r["test"] - r["pre_growth_test"] for r in ok if r.get("pre_growth_test") is not None]
         gain = f"{mean_sd(gains)[0]:+.2f} ± {mean_sd(gains)[1]:.2f}" if gains and arm in ("gd", "correlation") else ""
+        done = ", ".join(str(r["seed"]) for r in ok)
+        name = arm if len(ok) == len(seeds) else f"{arm} (seed{'s' if len(ok) > 1 else ''} {done} only)"
         lines.append(
-            f"| {arm} | {mt:.2f} ± {st:.2f} | {mean_sd([r['best_val'] for r in ok])[0]:.2f} | "
+            f"| {name} | {mt:.2f} ± {st:.2f} | {mean_sd([r['best_val'] for r in ok])[0]:.2f} | "
             f"{mean_sd([r['params'] for r in ok])[0]:,.0f} | {dend} | {kept} | {gain} | "
             f"{mean_sd([r['epochs'] for r in ok])[0]:.1f} | {wall:.1f} | {wall / base_wall:.2f}x |"
         )
@@ -171,6 +176,7 @@ def main(argv=None):
         "--first-seed", type=int, default=0, help="run seeds first-seed .. seeds-1 (split a run over processes)"
     )
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--report-only", action="store_true", help="tables from the arms in --work only; run nothing")
     ap.add_argument(
         "--skip-extra", action="store_true", help="leave out the tasks' extra arms (imdb's MiniLM fine-tune)"
     )
@@ -208,7 +214,7 @@ def main(argv=None):
                             rows.append({"task": task, "arm": arm, "seed": seed, "error": "needs the gd arm"})
                             continue
                         target = gd["params"]
-                    res = run_one(task, arm, seed, args.quick, target, Path(tmp))
+                    res = run_one(task, arm, seed, args.quick, target, Path(tmp), args.report_only)
                     if arm == "gd":
                         gd = res
                     rows.append(res)

@@ -86,6 +86,7 @@ def write_results(task, rows, seeds, quick, out_dir: Path):
         w.writeheader()
         w.writerows(rows)
     by_arm = {arm: [r for r in rows if r["arm"] == arm] for arm in ARMS + list(t.extra_arms)}
+    by_arm = {arm: rs for arm, rs in by_arm.items() if rs or arm in ARMS}  # extra arms left out: no row
     base_wall = mean_sd([r.get("wall_s") for r in by_arm["baseline"] if "wall_s" in r])[0]
     lines = [
         f"# {task}{' (quick smoke run: not a result)' if quick else ''}",
@@ -127,7 +128,7 @@ def write_results(task, rows, seeds, quick, out_dir: Path):
         for ref in ("baseline", "width-matched", "perforatedai"):
             lines.append(verdict(arm, by_arm[arm], by_arm[ref], ref))
     lines.append(verdict("perforatedai", by_arm["perforatedai"], by_arm["width-matched"], "width-matched"))
-    for extra in [a for a in t.extra_arms if by_arm[a]]:  # (left out with --skip-extra)
+    for extra in [a for a in t.extra_arms if a in by_arm]:  # (left out with --skip-extra)
         subset = next((r["subset"] for r in by_arm[extra] if "subset" in r), "")
         lines.append(verdict("gd", by_arm["gd"], by_arm[extra], extra) + (f" ({extra}: {subset})" if subset else ""))
     reused = sorted({(r["arm"], r["reused_from"]) for r in rows if r.get("reused_from")})

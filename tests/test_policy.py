@@ -151,11 +151,26 @@ def test_correlation_candidate_phase_then_trial():
     assert policy.state.dendrites == 0  # the installed set failed its trial and no tries are left
 
 
-def test_candidate_phase_length_defaults_to_the_neuron_phase_before_it():
+def test_candidate_phase_length_defaults_to_patience():
+    # phase 0 lasts 4 epochs, patience is 2: the frozen candidate phase gets 2 epochs of the budget, not 4
     cfg = td.GrowthConfig(patience=2, dendrite_training="correlation", candidate_patience=50)
-    got, policy = events(cfg, [0.1, 0.2, 0.2, 0.2] + [0.2] * 4, lambda i: {"l": 0.1 * i})
-    assert got[:4] == ["", "", "", C]
-    assert got[4:8] == ["", "", "", G]  # 4 epochs, as long as phase 0
+    got, policy = events(cfg, [0.1, 0.2, 0.2, 0.2] + [0.2] * 2, lambda i: {"l": 0.1 * i})
+    assert got == ["", "", "", C, "", G]
+
+
+def test_candidate_phase_is_never_longer_than_the_neuron_phase_before_it():
+    # mode="fixed": 2-epoch neuron phases, patience 5: the candidate phase ends after 2 epochs
+    cfg = td.GrowthConfig(
+        mode="fixed", switch_every=2, patience=5, dendrite_training="correlation", candidate_patience=50
+    )
+    got, policy = events(cfg, [0.1, 0.2] + [0.2] * 2, lambda i: {"l": 0.1 * i})
+    assert got == ["", C, "", G]
+
+
+def test_an_explicit_candidate_cap_overrides_the_default():
+    cfg = td.GrowthConfig(patience=1, dendrite_training="correlation", candidate_patience=50, candidate_max_epochs=4)
+    got, policy = events(cfg, [0.1, 0.1] + [0.1] * 4, lambda i: {"l": 0.1 * i})
+    assert got == ["", C, "", "", "", G]
 
 
 def test_retry_in_correlation_mode_starts_a_fresh_candidate_phase():

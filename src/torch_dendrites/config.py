@@ -215,8 +215,9 @@ class GrowthConfig:
         candidate_patience: correlation mode: end a candidate phase after this many epochs in which no
             layer's correlation score rose by ``candidate_improvement`` (relative).
         candidate_improvement: relative rise of a layer's correlation score that counts as progress.
-        candidate_max_epochs: cap on a candidate phase's length; default: as long as the neuron phase
-            before it.
+        candidate_max_epochs: cap on a candidate phase's length; default (None): ``patience`` epochs, and no
+            longer than the neuron phase before it (the model is frozen meanwhile, so the cap bounds the
+            budget a phase can spend without training it).
         candidate_pool: candidates per layer; the best-correlated one is installed.
         candidate_init_scale: initialisation scale of correlation candidates (None: the layer's
             ``DendriteConfig.init_scale``); larger values start their sigmoids outside the linear range. The

@@ -236,7 +236,13 @@ class GrowthPolicy:
                     progress = True
                 best[name] = max(sc, old)
             since = 0 if progress else s.cand_since + 1
-            cap = c.candidate_max_epochs if c.candidate_max_epochs is not None else s.last_phase_len
+            # Default cap: a plateau's length (patience), and never longer than the neuron phase before it. The
+            # model is frozen meanwhile, so every candidate epoch is one the budget does not train it; weakly
+            # correlated candidates can keep rising by 1 % relative for as long as they are allowed to (MNIST
+            # and UNet benchmarks: phases as long as the neuron phase spent half the budget frozen).
+            cap = c.candidate_max_epochs
+            if cap is None:
+                cap = min(c.patience, s.last_phase_len)
             cand = {"cand_best": best, "cand_since": since}
             if c.max_epochs is not None and s.epoch >= c.max_epochs:
                 return Situation.FINISH, None, cand

@@ -294,3 +294,36 @@ def test_resolve_tells_nothing_there_from_unreadable(tmp_path):
     with pytest.raises(td.CheckpointError) as info:
         td.persistence._resolve(tmp_path / "file")
     assert not isinstance(info.value, NoCheckpoint)
+
+
+def test_weights_are_written_as_standard_safetensors_without_a_copy_of_the_data(tmp_path):
+    """td.save streams each tensor's own memory into the file (TensorFile); the file is plain safetensors that
+    the safetensors library reads back exactly, for every dtype and for empty and 0-d tensors."""
+    from safetensors.torch import load_file
+    from safetensors.torch import save as st_save
+
+    from torch_dendrites.persistence.codec import TensorFile
+
+    tensors = {
+        "w": torch.randn(3, 5), "i": torch.arange(7), "flag": torch.tensor(True), "h": torch.randn(4).half(),
+        "b": torch.randn(9).bfloat16(), "empty": torch.empty(0, 2), "mask": torch.tensor([True, False, True]),
+        "u": torch.arange(3, dtype=torch.uint8),
+    }  # fmt: skip
+    f = TensorFile(tensors, {"format": "3"})
+    chunks = list(f.chunks())
+    # the tensors' own memory, not copies of it
+    addresses = {c.obj.ctypes.data for c in chunks[1:]}
+    assert {tensors[k].data_ptr() for k in ("w", "i", "h", "b")} <= addresses
+    assert len(f) == sum(c.nbytes for c in chunks) == len(st_save(tensors, metadata={"format": "3"}))
+    (tmp_path / "x.safetensors").write_bytes(bytes(f))
+    back = load_file(tmp_path / "x.safetensors")
+    assert set(back) == set(tensors)
+    for k, t in tensors.items():
+        assert back[k].dtype == t.dtype and torch.equal(back[k], t), k
+    with pytest.raises(td.CheckpointError, match="contiguous CPU"):
+        TensorFile({"t": torch.randn(4, 4).t()}, {})
+    net = td.add_dendrites(torch.nn.Sequential(torch.nn.Linear(4, 3)))
+    td.grow(net, torch.Generator().manual_seed(0))
+    td.save(tmp_path / "ck", net)
+    saved = load_file(tmp_path / "ck" / "model.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in net.state_dict().items())

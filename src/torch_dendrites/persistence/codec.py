@@ -21,11 +21,10 @@ import os
 import struct
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, Tuple
 
 import torch
 from safetensors.torch import load as safetensors_load
-from safetensors.torch import save as safetensors_save
 
 from ..errors import CheckpointError
 
@@ -40,6 +39,7 @@ __all__ = [
     "read_header",
     "read_data",
     "safetensors_bytes",
+    "TensorFile",
     "unpack",
 ]
 
@@ -161,11 +161,72 @@ def canonical(doc: Any) -> bytes:
 
 
 def sha256(data) -> str:
+    if isinstance(data, TensorFile):
+        return data.sha256()
     return hashlib.sha256(data).hexdigest()
 
 
-def safetensors_bytes(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> bytes:
-    return safetensors_save(tensors, metadata=metadata)
+def _raw_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without copying them."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+class TensorFile:
+    """A safetensors file to be written, never built in memory: its header, then each tensor's own bytes.
+
+    ``safetensors.torch.save`` makes two whole copies of the data (one ``bytes`` per tensor, then the file's),
+    which for a large model is twice the model's size on top of the model (``benchmarks/results/scaling.md``).
+    This writes the same format (8-byte little-endian header length, a JSON header padded with spaces to 8
+    bytes, the tensors' bytes in header order, largest items first so every tensor stays aligned) straight from
+    the tensors' memory. ``len()``, :meth:`chunks` and :meth:`sha256` stream; ``bytes(f)`` and slicing build the
+    whole file (tests only).
+
+    Args:
+        tensors: contiguous CPU tensors by key (as :func:`pack_state` returns them), not sharing storage.
+        metadata: the ``__metadata__`` strings.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]):
+        order = sorted(tensors.items(), key=lambda kv: (-kv[1].element_size(), kv[0]))
+        header: Dict[str, Any] = {"__metadata__": dict(metadata)}
+        pos = 0
+        for key, t in order:
+            if t.device.type != "cpu" or not t.is_contiguous():
+                raise CheckpointError(f"the tensor {key!r} is not a contiguous CPU tensor; it cannot be written as is.")
+            n = t.numel() * t.element_size()
+            header[key] = {"dtype": dtype_name(t.dtype, key), "shape": list(t.shape), "data_offsets": [pos, pos + n]}
+            pos += n
+        text = json.dumps(header, separators=(",", ":"), allow_nan=False, ensure_ascii=True).encode("ascii")
+        text += b" " * (-len(text) % 8)
+        self._head = struct.pack("<Q", len(text)) + text
+        self._tensors = [t for _, t in order if t.numel()]
+        self._size = len(self._head) + pos
+
+    def __len__(self) -> int:
+        return self._size
+
+    def chunks(self) -> Iterator[memoryview]:
+        """The file's bytes in pieces: the header, then one view per tensor (no copies)."""
+        yield memoryview(self._head)
+        for t in self._tensors:
+            yield _raw_bytes(t)
+
+    def sha256(self) -> str:
+        h = hashlib.sha256()
+        for chunk in self.chunks():
+            h.update(chunk)
+        return h.hexdigest()
+
+    def __bytes__(self) -> bytes:
+        return b"".join(bytes(c) for c in self.chunks())
+
+    def __getitem__(self, index: slice) -> bytes:
+        return bytes(self)[index]
+
+
+def safetensors_bytes(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> TensorFile:
+    """The safetensors file of ``tensors`` as a :class:`TensorFile` (written and hashed without a copy)."""
+    return TensorFile(tensors, metadata)
 
 
 # ---------------------------------------------------------------------- decoding JSON

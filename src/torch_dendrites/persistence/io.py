@@ -31,7 +31,7 @@ import socket
 import stat
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ..errors import CheckpointError
 
@@ -123,14 +123,16 @@ class FileSystem:
         self.before("mkdir", name)
         os.mkdir(name, 0o755, dir_fd=dir_fd)
 
-    def write_file(self, name: str, data: bytes, dir_fd: int) -> None:
-        """Create ``name`` (never an existing file or link), write all of ``data`` and fsync it."""
+    def write_file(self, name: str, data: Any, dir_fd: int) -> None:
+        """Create ``name`` (never an existing file or link), write all of ``data`` and fsync it. ``data``: bytes,
+        or an object whose ``chunks()`` yields the file's pieces (a large file is never joined in memory)."""
         self.before("write", name)
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o644, dir_fd=dir_fd)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            for chunk in data.chunks() if hasattr(data, "chunks") else (data,):
+                view = memoryview(chunk).cast("B")
+                while view:
+                    view = view[os.write(fd, view[: 1 << 30]) :]
             os.fsync(fd)
         finally:
             os.close(fd)

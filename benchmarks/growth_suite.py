@@ -10,9 +10,10 @@ Tasks (each starts from a model too small for it, so dendrites have something to
 - ``parity``: 6-bit parity, all 64 patterns, base ``Linear(6, 1)``, otherwise as spirals.
 - ``mnist_narrow``: an MLP 784-16-10 on 10k MNIST training images (5k validation, the 10k test set),
   Adam 1e-3, batch 128; score: validation accuracy.
-- ``tabular``: the breast-cancer MLP of ``benchmarks/tasks.py`` (the real benchmark task).
+- ``tabular``: the breast-cancer task of ``benchmarks.tasks`` (the real benchmark task; its MLP is in
+  ``benchmarks.models``).
 
-Run ``python benchmarks/growth_suite.py sweep`` (the defaults sweep: init scale x dendrite learning-rate
+Run ``python -m benchmarks.growth_suite sweep`` (the defaults sweep: init scale x dendrite learning-rate
 scale for gd, candidate init scale x pool for correlation; >= 5 seeds each; resumable: finished runs are kept
 in ``benchmarks/results/defaults_sweep.json``), ``... table`` (``defaults_sweep.md``) and ``... spirals``
 (10 seeds with the library's defaults beside a parameter-matched plain MLP: ``spirals.md``).
@@ -27,7 +28,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -35,13 +35,13 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+import torch_dendrites as td
+from benchmarks.models import TabularMLP, n_params
+from benchmarks.stats import mean_sd
+from benchmarks.tasks import tabular_data
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-sys.path.insert(0, str(HERE))
-from stats import mean_sd  # noqa: E402
-from tasks import TabularMLP, tabular_data  # noqa: E402
-
-import torch_dendrites as td  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ data
 
@@ -221,7 +221,7 @@ def run_growth(task: SuiteTask, seed: int, training: str = "gd", **knobs) -> Dic
         "val_acc": _evaluate(task, model, val)[1],
         "test_acc": _evaluate(task, model, test)[1],
         "dendrites": ctl.num_dendrites,
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": n_params(model),
         "epochs": ctl.epoch,
         "wall_s": time.perf_counter() - t0,
         "kept": sum(1 for row in ctl.history if row.get("kept") == 1),
@@ -250,7 +250,7 @@ def run_plain(task: SuiteTask, seed: int, hidden: int, epochs: int) -> Dict[str,
         "train_acc": _evaluate(task, model, train)[1],
         "best_train_acc": best[0],
         "test_acc": _evaluate(task, model, test)[1],
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": n_params(model),
         "epochs": epochs,
         "wall_s": time.perf_counter() - t0,
     }

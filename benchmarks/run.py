@@ -1,12 +1,13 @@
 """Run the benchmark arms for one task (or all) over several seeds; write a results table and a figure.
 
-Run: ``python benchmarks/run.py mnist --seeds 3`` (or ``all``; ``--quick`` for the smoke variant).
+Run: ``python -m benchmarks.run mnist --seeds 3`` from the repository root (or ``all``; ``--quick`` for the smoke
+variant).
 Results: ``benchmarks/results/<task>.csv``, ``<task>.md`` and ``<task>.png`` (quick runs write elsewhere).
 
 Per arm: the test score at the best-validation epoch (mean ± sd over seeds), parameters, epochs and wall
 time. The width-matched arm, per seed, widens the model to the parameter count the GD arm ended with.
-Each arm runs in its own process (the peer library keeps global state and writes into its working
-directory, which is a fresh temporary folder here).
+Each arm runs in its own process, ``python -m benchmarks.run_arm`` (the peer library keeps global state and
+writes into its working directory, which is a fresh temporary folder here).
 """
 
 from __future__ import annotations
@@ -14,16 +15,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks.spawn import child_env, module_command
+from benchmarks.stats import compare, mean_sd
+from benchmarks.tasks import TASKS, quick_variant
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from stats import compare, mean_sd  # noqa: E402
-from tasks import TASKS, quick_variant  # noqa: E402
 
 ARMS = ["baseline", "width-matched", "gd", "correlation", "perforatedai"]
 
@@ -34,27 +34,15 @@ def run_one(task, arm, seed, quick, target, work: Path, report_only: bool = Fals
         return json.loads(out.read_text())
     if report_only:
         return {"task": task, "arm": arm, "seed": seed, "error": "not run"}
-    cmd = [
-        sys.executable,
-        str(HERE / "run_arm.py"),
-        "--task",
-        task,
-        "--arm",
-        arm,
-        "--seed",
-        str(seed),
-        "--out",
-        str(out),
-    ]
+    cmd = module_command("run_arm", "--task", task, "--arm", arm, "--seed", str(seed), "--out", str(out))
     if quick:
         cmd.append("--quick")
     if target is not None:
         cmd += ["--target-params", str(target)]
     cwd = work / f"{task}-{arm}-{seed}"
     cwd.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
     # stdin closed: the peer library's interactive prompts and pdb stops fail fast instead of hanging
-    proc = subprocess.run(cmd, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=child_env())
     if proc.returncode != 0 or not out.exists():
         lines = [ln.strip() for ln in (proc.stdout + "\n" + proc.stderr).splitlines()]
         lines = [ln for ln in lines if ln and "Warning" not in ln and not ln.startswith("warnings.warn")]

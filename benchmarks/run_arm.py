@@ -1,10 +1,12 @@
-"""Run one arm of one task for one seed and write its result as JSON (called by benchmarks/run.py).
+"""Run one arm of one task for one seed and write its result as JSON (started by ``python -m benchmarks.run``).
 
 Arms: ``baseline`` (the model alone), ``width-matched`` (the model's family widened to ``--target-params``),
 ``gd`` and ``correlation`` (torch-dendrites), ``perforatedai`` (the peer, GD mode). Every arm uses the same
 data, seed, optimizer (Adam), batch size, epoch budget and patience, and reports the test score at the
 best-validation epoch. The peer keeps global state and writes files into the working directory, so each
 arm runs in its own process and folder.
+
+Run: ``python -m benchmarks.run_arm --task tabular --arm gd --quick --out /tmp/gd.json``.
 """
 
 from __future__ import annotations
@@ -12,22 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import peer  # noqa: E402
-from tasks import TASKS, quick_variant  # noqa: E402
-
-import torch_dendrites as td  # noqa: E402
-
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+import torch_dendrites as td
+from benchmarks import peer
+from benchmarks.models import n_params
+from benchmarks.tasks import TASKS, quick_variant
 
 
 @torch.no_grad()

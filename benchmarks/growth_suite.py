@@ -29,6 +29,7 @@ import math
 import os
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 
 import torch_dendrites as td
+from benchmarks.loop import evaluate, train_epoch
 from benchmarks.models import TabularMLP, n_params
 from benchmarks.stats import mean_sd
 from benchmarks.tasks import tabular_data
@@ -157,26 +159,13 @@ def _loss(task: SuiteTask, out, y):
     return _binary_loss(out, y) if task.kind == "binary" else nn.functional.cross_entropy(out, y)
 
 
-@torch.no_grad()
 def _evaluate(task: SuiteTask, model: nn.Module, split):
-    model.eval()
-    x, y = split
-    out = torch.cat([model(x[i : i + 2000]) for i in range(0, len(x), 2000)])
-    return _loss(task, out, y).item(), _accuracy(out, y, task.kind)
+    """``(loss, accuracy)`` over ``split``, 2000 samples at a time."""
+    return evaluate(model, split, lambda out, y: (_loss(task, out, y).item(), _accuracy(out, y, task.kind)), 2000)
 
 
 def _train_epoch(task: SuiteTask, model, opt, split, gen):
-    model.train()
-    x, y = split
-    if task.batch is None:
-        batches = [slice(None)] * task.steps
-    else:
-        perm = torch.randperm(len(x), generator=gen)
-        batches = [perm[i : i + task.batch] for i in range(0, len(x), task.batch)]
-    for idx in batches:
-        opt.zero_grad(set_to_none=True)
-        _loss(task, model(x[idx]), y[idx]).backward()
-        opt.step()
+    train_epoch(model, opt, split, partial(_loss, task), task.batch, gen, steps=task.steps)
 
 
 def run_growth(task: SuiteTask, seed: int, training: str = "gd", **knobs) -> Dict[str, Any]:

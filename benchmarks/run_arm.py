@@ -21,27 +21,17 @@ import torch
 
 import torch_dendrites as td
 from benchmarks import peer
+from benchmarks.loop import evaluate, train_epoch
 from benchmarks.models import n_params
-from benchmarks.tasks import TASKS, quick_variant
+from benchmarks.tasks import TASKS, Task, quick_variant
 
 
-@torch.no_grad()
-def evaluate(task, model, split, batch=1000) -> float:
-    model.eval()
-    x, y = split
-    logits = torch.cat([model(x[i : i + batch]) for i in range(0, len(y), batch)])
-    return task.score(logits, y)
+def _train(task: Task, model, opt, split, gen) -> None:
+    train_epoch(model, opt, split, task.loss, task.batch, gen)
 
 
-def train_epoch(task, model, opt, split, gen):
-    model.train()
-    x, y = split
-    perm = torch.randperm(len(y), generator=gen)
-    for i in range(0, len(y), task.batch):
-        idx = perm[i : i + task.batch]
-        opt.zero_grad(set_to_none=True)
-        task.loss(model(x[idx]), y[idx]).backward()
-        opt.step()
+def _score(task: Task, model, split) -> float:
+    return evaluate(model, split, task.score, batch=1000)
 
 
 def width_for(task, target: int) -> float:
@@ -89,8 +79,8 @@ def run_ours(task, arm, seed, splits, target, quick=False):
     curve = []
     t0 = time.perf_counter()
     while not ctl.done:
-        train_epoch(task, model, opt, train, gen)
-        r = ctl.step(evaluate(task, model, val), test=evaluate(task, model, test))
+        _train(task, model, opt, train, gen)
+        r = ctl.step(_score(task, model, val), test=_score(task, model, test))
         curve.append(r.score)
         if r.restructured:
             opt = make_opt()
@@ -142,8 +132,8 @@ def run_peer(task, seed, splits, quick=False):
     t0 = time.perf_counter()
     epochs = 0
     while epochs < task.epochs:
-        train_epoch(task, model, opt, train, gen)
-        v, t = evaluate(task, model, val), evaluate(task, model, test)
+        _train(task, model, opt, train, gen)
+        v, t = _score(task, model, val), _score(task, model, test)
         epochs += 1
         curve.append(v)
         if v > best[0]:  # test at the best-validation epoch, the same rule as the other arms

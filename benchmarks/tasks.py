@@ -37,11 +37,10 @@ class Task:
     max_dendrites: int = 3
     improvement_rel: float = 1e-4  # GrowthConfig.improvement_rel for every arm of ours
     note: str = ""
-    extra_arms: Tuple[str, ...] = ()  # task-specific reference arms, run by `run_extra`
-    run_extra: Optional[Callable[[str, int, bool], dict]] = None  # (arm, seed, quick) -> result
     peer_modules: Tuple[str, ...] = ("Conv2d", "Linear")  # module types the peer library wraps
     peer_output_dims: Optional[Tuple[int, ...]] = None  # its per-module output layout, where not [batch, C, ...]
     peer_only: Optional[str] = None  # wrap only modules whose name contains this (else every peer_modules type)
+    # The arms, task-specific reference arms (imdb's minilm-finetune) included, are in benchmarks.run_arm.ARMS.
 
     def score(self, logits: torch.Tensor, y: torch.Tensor) -> float:
         return 100.0 * (logits.argmax(1) == y).float().mean().item()
@@ -157,8 +156,6 @@ TASKS = {
         "seeded 20k train / 5k val / 25k test, at most 40 epochs. `minilm-finetune` fine-tunes the whole MiniLM "
         "(attention included, AdamW 5e-5, 3 epochs) on 800 train / 200 val reviews of the same split, tested on "
         "the first 1000 test reviews (128 tokens): the largest fine-tune 2 CPU cores allow for 3 seeds",
-        extra_arms=("minilm-finetune",),
-        run_extra=lambda arm, seed, quick: text.minilm_finetune(seed, quick),
         peer_modules=("Linear",),
     ),
     "lora": Task(
@@ -187,6 +184,6 @@ def quick_variant(task: Task) -> Task:
         build, wide = task.build, task.wide
     return type(task)(
         task.name, build, wide, task.data, task.metric, epochs=5, patience=1, batch=64, lr=task.lr,
-        max_dendrites=2, note=task.note + " (quick)", extra_arms=task.extra_arms, run_extra=task.run_extra,
-        peer_modules=task.peer_modules, peer_output_dims=task.peer_output_dims, peer_only=task.peer_only,
+        max_dendrites=2, note=task.note + " (quick)", peer_modules=task.peer_modules,
+        peer_output_dims=task.peer_output_dims, peer_only=task.peer_only,
     )  # fmt: skip

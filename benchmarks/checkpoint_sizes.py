@@ -1,6 +1,6 @@
 """File sizes of full and adapter-sized checkpoints of the LoRA benchmark model (the README's table).
 
-Run: ``python benchmarks/checkpoint_sizes.py`` (the LoRA task's model: SmolLM2-135M's top decoder layer with LoRA
+Run: ``python -m benchmarks.checkpoint_sizes`` (the LoRA task's model: SmolLM2-135M's top decoder layer with LoRA
 r=8 on q_proj/v_proj and dendrites on ``lora_B``; needs ``make bench-data``), ``--whole`` to also measure all 30
 layers of SmolLM2-135M with LoRA on every q_proj/v_proj (save/load times included), ``--quick`` for the tiny
 config-built Llama of the task's quick variant (no data needed).
@@ -14,18 +14,14 @@ adapter-sized / (peft adapter + dendrites) <= 2.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import text  # noqa: E402
-
-import torch_dendrites as td  # noqa: E402
+import torch_dendrites as td
+from benchmarks import text
 
 
 def _folder_bytes(folder: Path) -> int:

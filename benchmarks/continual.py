@@ -1,7 +1,7 @@
 """Continual learning on permuted MNIST: active dendrites + k-WTA (Iyer et al. 2022) against parameter- and
 information-matched controls.
 
-Run: ``.venv/bin/python benchmarks/continual.py --seeds 3`` (10 and 25 tasks, one thread: 34.5 minutes of runs
+Run: ``.venv/bin/python -m benchmarks.continual --seeds 3`` (10 and 25 tasks, one thread: 34.5 minutes of runs
 on the shared 2-core machine while other jobs kept it loaded; the 10-task half took 6 minutes nearly quiet);
 ``--quick`` runs every arm on tiny synthetic tasks in seconds (a smoke test, not a result). Results:
 ``benchmarks/results/continual.md``, ``continual.png`` and the raw runs ``continual.json`` (``--out`` elsewhere).
@@ -54,13 +54,13 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+import torch_dendrites as td
+from benchmarks import loop, stats
+from benchmarks.experiment import RunLog, final_runs, search_lr
+from benchmarks.models import dense_params, trainable
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-import stats  # noqa: E402
-from experiment import RunLog, final_runs, search_lr  # noqa: E402
-
-import torch_dendrites as td  # noqa: E402
 
 SEARCH_SEED = 1000
 # Iyer et al. 2022, mean test accuracy over all tasks after the last (8 seeds; 2 x 2048 units, context = the
@@ -168,11 +168,7 @@ def mlp(hidden: int, act: str, fraction_on: float, extra: int = 0) -> nn.Sequent
 
 
 def mlp_params(hidden: int, extra: int = 0) -> int:
-    return (784 + extra + 1) * hidden + (hidden + 1) * hidden + (hidden + 1) * 10
-
-
-def trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return dense_params(784 + extra, hidden, hidden, 10)
 
 
 def with_dendrites(model: nn.Module, dtype: str, options: dict, sets: int, seed: int) -> nn.Module:
@@ -274,12 +270,9 @@ def run(arm: Arm, s: Setting, data, seed: int, lr: float, test: bool) -> dict:
         protos.update(x, t)  # the task's prototype: the mean of its training images
         ctx = protos.context(task=t)
         opt = torch.optim.Adam(model.parameters(), lr=lr)  # reset per task
-        model.train()
         for _ in range(s.epochs):
-            for idx in torch.randperm(len(y), generator=gen).split(s.batch):
-                opt.zero_grad(set_to_none=True)
-                nn.functional.cross_entropy(forward(arm, model, x[idx], ctx), y[idx]).backward()
-                opt.step()
+            loop.train_epoch(model, opt, (x, y), nn.functional.cross_entropy, s.batch, gen,
+                             forward=lambda m, xb, ctx=ctx: forward(arm, m, xb, ctx))  # fmt: skip
         # How well the task was learned before the later ones could interfere (its validation images).
         just_learned.append(round(accuracy(arm, model, protos, *task_split(val_pool, task, "val"), t)[0], 3))
     train_s = time.time() - t0
@@ -484,7 +477,7 @@ def main(argv=None):
         if args.max_extend is not None:
             s = replace(s, max_extend=args.max_extend)
         settings[t] = s
-    command = "python benchmarks/continual.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.continual " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": command.strip(), "torch": torch.__version__, "threads": args.threads,
             "seeds": list(range(args.seeds)), "settings": {t: asdict(s) for t, s in settings.items()}}  # fmt: skip
     log = RunLog(args.out / f"{args.name}.json", args.resume, meta)

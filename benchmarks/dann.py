@@ -1,7 +1,7 @@
 """Class-ordered Fashion-MNIST: dANN (the library's ``sparse`` dendrites, Chavlis & Poirazi 2025) against the
 dense network of the same widths and a 784-h-10 MLP with the same trainable parameters, with noise robustness.
 
-Run: ``.venv/bin/python benchmarks/dann.py --seeds 3`` (one thread: 32.4 minutes of runs on the shared 2-core
+Run: ``.venv/bin/python -m benchmarks.dann --seeds 3`` (one thread: 32.4 minutes of runs on the shared 2-core
 machine while other jobs kept it loaded); ``--quick`` runs every arm on tiny synthetic data in seconds (a smoke
 test, not a result). Results:
 ``benchmarks/results/dann.md``, ``dann.png`` and the raw runs ``dann.json`` (``--out`` elsewhere);
@@ -50,13 +50,13 @@ from typing import Callable, Dict, List
 import torch
 from torch import nn
 
+import torch_dendrites as td
+from benchmarks import loop, stats
+from benchmarks.experiment import RunLog, final_runs, search_lr
+from benchmarks.models import dense_params, trainable
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-import stats  # noqa: E402
-from experiment import RunLog, final_runs, search_lr  # noqa: E402
-
-import torch_dendrites as td  # noqa: E402
 
 SEARCH_SEED = 1000
 ORDERS = ("class-ordered", "shuffled")
@@ -110,12 +110,6 @@ def fashion(quick: bool):
     return (xtr[tr], ytr[tr]), (xtr[va], ytr[va]), (xte, yte)
 
 
-def batches(y: torch.Tensor, order: str, epoch_gen: torch.Generator, class_order: torch.Tensor, batch: int):
-    if order == "class-ordered":
-        return class_order.split(batch)
-    return torch.randperm(len(y), generator=epoch_gen).split(batch)
-
-
 # ------------------------------------------------------------------------------------------ arms
 @dataclass(frozen=True)
 class Arm:
@@ -125,11 +119,7 @@ class Arm:
 
 
 def mlp_params(hidden: int) -> int:
-    return 785 * hidden + (hidden + 1) * 10
-
-
-def trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return dense_params(784, hidden, 10)
 
 
 def dann(s: Setting, receptive: str, seed: int) -> nn.Module:
@@ -180,12 +170,8 @@ def arms_for(s: Setting) -> Dict[str, Arm]:
 
 
 # ------------------------------------------------------------------------------------------ training
-@torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    correct = sum((model(x[i : i + 5000]).argmax(1) == y[i : i + 5000]).sum().item() for i in range(0, len(y), 5000))
-    model.train()
-    return 100.0 * correct / len(y)
+    return loop.evaluate(model, (x, y), loop.accuracy, 5000)
 
 
 def run(arm: Arm, s: Setting, data, order: str, seed: int, lr: float, test: bool) -> dict:
@@ -198,11 +184,9 @@ def run(arm: Arm, s: Setting, data, order: str, seed: int, lr: float, test: bool
     best = {"val": -1.0}
     curve = []
     t0 = time.time()
+    fixed = class_order if order == "class-ordered" else None  # else a fresh permutation every epoch
     for epoch in range(1, s.epochs + 1):
-        for idx in batches(ytr, order, gen, class_order, s.batch):
-            opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
-            opt.step()
+        loop.train_epoch(model, opt, (xtr, ytr), nn.functional.cross_entropy, s.batch, gen, order=fixed)
         val = accuracy(model, xva, yva)
         curve.append(round(val, 3))
         if val > best["val"]:
@@ -392,7 +376,7 @@ def main(argv=None):
         s = replace(s, epochs=args.epochs)
     if args.max_extend is not None:
         s = replace(s, max_extend=args.max_extend)
-    command = "python benchmarks/dann.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.dann " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": command.strip(), "torch": torch.__version__, "threads": args.threads,
             "seeds": list(range(args.seeds)), "setting": asdict(s)}  # fmt: skip
     log = RunLog(args.out / f"{args.name}.json", args.resume, meta)

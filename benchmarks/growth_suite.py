@@ -10,9 +10,10 @@ Tasks (each starts from a model too small for it, so dendrites have something to
 - ``parity``: 6-bit parity, all 64 patterns, base ``Linear(6, 1)``, otherwise as spirals.
 - ``mnist_narrow``: an MLP 784-16-10 on 10k MNIST training images (5k validation, the 10k test set),
   Adam 1e-3, batch 128; score: validation accuracy.
-- ``tabular``: the breast-cancer MLP of ``benchmarks/tasks.py`` (the real benchmark task).
+- ``tabular``: the breast-cancer task of ``benchmarks.tasks`` (the real benchmark task; its MLP is in
+  ``benchmarks.models``).
 
-Run ``python benchmarks/growth_suite.py sweep`` (the defaults sweep: init scale x dendrite learning-rate
+Run ``python -m benchmarks.growth_suite sweep`` (the defaults sweep: init scale x dendrite learning-rate
 scale for gd, candidate init scale x pool for correlation; >= 5 seeds each; resumable: finished runs are kept
 in ``benchmarks/results/defaults_sweep.json``), ``... table`` (``defaults_sweep.md``) and ``... spirals``
 (10 seeds with the library's defaults beside a parameter-matched plain MLP: ``spirals.md``).
@@ -27,21 +28,22 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
+import torch_dendrites as td
+from benchmarks.loop import evaluate, train_epoch
+from benchmarks.models import TabularMLP, n_params
+from benchmarks.stats import mean_sd
+from benchmarks.tasks import tabular_data
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-sys.path.insert(0, str(HERE))
-from stats import mean_sd  # noqa: E402
-from tasks import TabularMLP, tabular_data  # noqa: E402
-
-import torch_dendrites as td  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ data
 
@@ -157,26 +159,13 @@ def _loss(task: SuiteTask, out, y):
     return _binary_loss(out, y) if task.kind == "binary" else nn.functional.cross_entropy(out, y)
 
 
-@torch.no_grad()
 def _evaluate(task: SuiteTask, model: nn.Module, split):
-    model.eval()
-    x, y = split
-    out = torch.cat([model(x[i : i + 2000]) for i in range(0, len(x), 2000)])
-    return _loss(task, out, y).item(), _accuracy(out, y, task.kind)
+    """``(loss, accuracy)`` over ``split``, 2000 samples at a time."""
+    return evaluate(model, split, lambda out, y: (_loss(task, out, y).item(), _accuracy(out, y, task.kind)), 2000)
 
 
 def _train_epoch(task: SuiteTask, model, opt, split, gen):
-    model.train()
-    x, y = split
-    if task.batch is None:
-        batches = [slice(None)] * task.steps
-    else:
-        perm = torch.randperm(len(x), generator=gen)
-        batches = [perm[i : i + task.batch] for i in range(0, len(x), task.batch)]
-    for idx in batches:
-        opt.zero_grad(set_to_none=True)
-        _loss(task, model(x[idx]), y[idx]).backward()
-        opt.step()
+    train_epoch(model, opt, split, partial(_loss, task), task.batch, gen, steps=task.steps)
 
 
 def run_growth(task: SuiteTask, seed: int, training: str = "gd", **knobs) -> Dict[str, Any]:
@@ -221,7 +210,7 @@ def run_growth(task: SuiteTask, seed: int, training: str = "gd", **knobs) -> Dic
         "val_acc": _evaluate(task, model, val)[1],
         "test_acc": _evaluate(task, model, test)[1],
         "dendrites": ctl.num_dendrites,
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": n_params(model),
         "epochs": ctl.epoch,
         "wall_s": time.perf_counter() - t0,
         "kept": sum(1 for row in ctl.history if row.get("kept") == 1),
@@ -250,7 +239,7 @@ def run_plain(task: SuiteTask, seed: int, hidden: int, epochs: int) -> Dict[str,
         "train_acc": _evaluate(task, model, train)[1],
         "best_train_acc": best[0],
         "test_acc": _evaluate(task, model, test)[1],
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": n_params(model),
         "epochs": epochs,
         "wall_s": time.perf_counter() - t0,
     }

@@ -7,7 +7,7 @@ ratio (the training step's FLOPs counted by torch.utils.flop_counter, relative t
 quotient. Goals (Foundation issue): 0 dendrites <= 1.03x plain; k dendrites <= 1.10x the FLOP ideal;
 ``controller.step`` <= 20 ms per epoch.
 
-Run: ``python benchmarks/overhead.py`` (``--quick`` for a smoke run).
+Run: ``python -m benchmarks.overhead`` (``--quick`` for a smoke run).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,10 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "mnist"))
-from demo import Net  # noqa: E402
-
-import torch_dendrites as td  # noqa: E402
+import torch_dendrites as td
+from benchmarks.models import MnistNet
 
 
 class TokenStack(nn.Module):
@@ -110,7 +107,7 @@ def bench_model(name, base, x, y, loss_fn, max_k, rounds, steps):
 
 
 def bench_controller(rounds: int):
-    model = td.add_dendrites(Net(16, 32, 128))
+    model = td.add_dendrites(MnistNet(16, 32, 128))
     td.grow(model)
     out = {}
     for label, out_dir in (("no out_dir", None), ("with out_dir (CSV)", tempfile.mkdtemp())):
@@ -143,7 +140,9 @@ def main(argv=None):
     torch.manual_seed(0)
     rows = []
     cnn_x, cnn_y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
-    rows += bench_model("MNIST CNN (demo, half width)", Net(16, 32, 128), cnn_x, cnn_y, F.nll_loss, 3, rounds, steps)
+    rows += bench_model(
+        "MNIST CNN (demo, half width)", MnistNet(16, 32, 128), cnn_x, cnn_y, F.nll_loss, 3, rounds, steps
+    )
     tok_x = torch.randn(16, 64, 256)
     rows += bench_model(
         "Linear stack on [16, 64, 256]", TokenStack(), tok_x, torch.randn(16, 64, 256), F.mse_loss, 3, rounds, steps

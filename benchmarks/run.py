@@ -1,12 +1,14 @@
 """Run the benchmark arms for one task (or all) over several seeds; write a results table and a figure.
 
-Run: ``python benchmarks/run.py mnist --seeds 3`` (or ``all``; ``--quick`` for the smoke variant).
+Run: ``python -m benchmarks.run mnist --seeds 3`` from the repository root (or ``all``; ``--quick`` for the smoke
+variant).
 Results: ``benchmarks/results/<task>.csv``, ``<task>.md`` and ``<task>.png`` (quick runs write elsewhere).
 
 Per arm: the test score at the best-validation epoch (mean ± sd over seeds), parameters, epochs and wall
 time. The width-matched arm, per seed, widens the model to the parameter count the GD arm ended with.
-Each arm runs in its own process (the peer library keeps global state and writes into its working
-directory, which is a fresh temporary folder here).
+Each arm runs in its own process, ``python -m benchmarks.run_arm`` (the peer library keeps global state and
+writes into its working directory, which is a fresh temporary folder here). The arms are those of the registry
+``benchmarks.run_arm.ARMS``.
 """
 
 from __future__ import annotations
@@ -14,18 +16,17 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from stats import compare, mean_sd  # noqa: E402
-from tasks import TASKS, quick_variant  # noqa: E402
+from benchmarks.run_arm import ARMS, arms_of, run_sequence
+from benchmarks.spawn import child_env, module_command
+from benchmarks.stats import compare, mean_sd
+from benchmarks.tasks import TASKS, quick_variant
 
-ARMS = ["baseline", "width-matched", "gd", "correlation", "perforatedai"]
+HERE = Path(__file__).resolve().parent
+COMMON = [name for name, arm in ARMS.items() if arm.tasks is None]  # the arms every task has
 
 
 def run_one(task, arm, seed, quick, target, work: Path, report_only: bool = False) -> dict:
@@ -34,27 +35,15 @@ def run_one(task, arm, seed, quick, target, work: Path, report_only: bool = Fals
         return json.loads(out.read_text())
     if report_only:
         return {"task": task, "arm": arm, "seed": seed, "error": "not run"}
-    cmd = [
-        sys.executable,
-        str(HERE / "run_arm.py"),
-        "--task",
-        task,
-        "--arm",
-        arm,
-        "--seed",
-        str(seed),
-        "--out",
-        str(out),
-    ]
+    cmd = module_command("run_arm", "--task", task, "--arm", arm, "--seed", str(seed), "--out", str(out))
     if quick:
         cmd.append("--quick")
     if target is not None:
         cmd += ["--target-params", str(target)]
     cwd = work / f"{task}-{arm}-{seed}"
     cwd.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
     # stdin closed: the peer library's interactive prompts and pdb stops fail fast instead of hanging
-    proc = subprocess.run(cmd, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=child_env())
     if proc.returncode != 0 or not out.exists():
         lines = [ln.strip() for ln in (proc.stdout + "\n" + proc.stderr).splitlines()]
         lines = [ln for ln in lines if ln and "Warning" not in ln and not ln.startswith("warnings.warn")]
@@ -85,8 +74,8 @@ def write_results(task, rows, seeds, quick, out_dir: Path):
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore", restval="")
         w.writeheader()
         w.writerows(rows)
-    by_arm = {arm: [r for r in rows if r["arm"] == arm] for arm in ARMS + list(t.extra_arms)}
-    by_arm = {arm: rs for arm, rs in by_arm.items() if rs or arm in ARMS}  # extra arms left out: no row
+    by_arm = {arm: [r for r in rows if r["arm"] == arm] for arm in arms_of(t.name)}
+    by_arm = {arm: rs for arm, rs in by_arm.items() if rs or arm in COMMON}  # task-specific arms left out: no row
     base_wall = mean_sd([r.get("wall_s") for r in by_arm["baseline"] if "wall_s" in r])[0]
     lines = [
         f"# {task}{' (quick smoke run: not a result)' if quick else ''}",
@@ -112,10 +101,10 @@ def write_results(task, rows, seeds, quick, out_dir: Path):
         mt, st = mean_sd([r["test"] for r in ok])
         wall = mean_sd([r["wall_s"] for r in ok])[0]
         dend = ", ".join(str(r["dendrites"]) for r in ok)
-        grew = arm in ("gd", "correlation", "perforatedai")
+        grew = ARMS[arm].grows
         kept = f"{sum(1 for r in ok if r['dendrites'] >= 1)} / {len(ok)}" if grew else ""
         gains = [r["test"] - r["pre_growth_test"] for r in ok if r.get("pre_growth_test") is not None]
-        gain = f"{mean_sd(gains)[0]:+.2f} ± {mean_sd(gains)[1]:.2f}" if gains and arm in ("gd", "correlation") else ""
+        gain = f"{mean_sd(gains)[0]:+.2f} ± {mean_sd(gains)[1]:.2f}" if gains and ARMS[arm].kind == "ours" else ""
         done = ", ".join(str(r["seed"]) for r in ok)
         name = arm if len(ok) == len(seeds) else f"{arm} (seed{'s' if len(ok) > 1 else ''} {done} only)"
         lines.append(
@@ -128,7 +117,7 @@ def write_results(task, rows, seeds, quick, out_dir: Path):
         for ref in ("baseline", "width-matched", "perforatedai"):
             lines.append(verdict(arm, by_arm[arm], by_arm[ref], ref))
     lines.append(verdict("perforatedai", by_arm["perforatedai"], by_arm["width-matched"], "width-matched"))
-    for extra in [a for a in t.extra_arms if a in by_arm]:  # (left out with --skip-extra)
+    for extra in [a for a in by_arm if a not in COMMON]:  # task-specific arms (left out with --skip-extra)
         subset = next((r["subset"] for r in by_arm[extra] if "subset" in r), "")
         lines.append(verdict("gd", by_arm["gd"], by_arm[extra], extra) + (f" ({extra}: {subset})" if subset else ""))
     reused = sorted({(r["arm"], r["reused_from"]) for r in rows if r.get("reused_from")})
@@ -179,9 +168,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="tables from the arms in --work only; run nothing")
     ap.add_argument(
-        "--skip-extra", action="store_true", help="leave out the tasks' extra arms (imdb's MiniLM fine-tune)"
+        "--skip-extra", action="store_true", help="leave out the tasks' own reference arms (imdb's MiniLM fine-tune)"
     )
-    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--arms", default=",".join(COMMON), help="the arms every task has, comma-separated")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     ap.add_argument(
         "--work",
@@ -197,7 +186,7 @@ def main(argv=None):
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         ap.error(f"unknown task(s) {unknown}; choose from {sorted(TASKS)} or all")
-    extra = (lambda task: []) if args.skip_extra else (lambda task: TASKS[task].extra_arms)
+    extra = (lambda task: []) if args.skip_extra else (lambda task: [a for a in arms_of(task) if a not in COMMON])
     if args.work is not None:
         args.work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
@@ -205,19 +194,18 @@ def main(argv=None):
         for task in tasks:
             rows = []
             for seed in seeds:
-                gd = None
-                # gd runs before width-matched, which matches its final size
-                order = ["baseline", "gd", "correlation", "width-matched", "perforatedai", *extra(task)]
-                for arm in [a for a in order if a in arms or a in extra(task)]:
+                done = {}
+                # in run order: width-matched runs after gd, whose final size it matches
+                for arm in run_sequence([a for a in COMMON if a in arms] + extra(task)):
                     target = None
-                    if arm == "width-matched":
-                        if gd is None or "params" not in gd:
-                            rows.append({"task": task, "arm": arm, "seed": seed, "error": "needs the gd arm"})
+                    source = ARMS[arm].target_from
+                    if source is not None:
+                        if "params" not in done.get(source, {}):
+                            rows.append({"task": task, "arm": arm, "seed": seed, "error": f"needs the {source} arm"})
                             continue
-                        target = gd["params"]
+                        target = done[source]["params"]
                     res = run_one(task, arm, seed, args.quick, target, Path(tmp), args.report_only)
-                    if arm == "gd":
-                        gd = res
+                    done[arm] = res
                     rows.append(res)
                     print(f"{task} seed {seed} {arm:>13}: " + (res.get("error") or
                           f"test {res['test']:.2f}, params {res['params']:,}, dendrites {res['dendrites']}, "

@@ -1,10 +1,13 @@
-"""Run one arm of one task for one seed and write its result as JSON (called by benchmarks/run.py).
+"""Run one arm of one task for one seed and write its result as JSON (started by ``python -m benchmarks.run``).
 
-Arms: ``baseline`` (the model alone), ``width-matched`` (the model's family widened to ``--target-params``),
-``gd`` and ``correlation`` (torch-dendrites), ``perforatedai`` (the peer, GD mode). Every arm uses the same
-data, seed, optimizer (Adam), batch size, epoch budget and patience, and reports the test score at the
-best-validation epoch. The peer keeps global state and writes files into the working directory, so each
-arm runs in its own process and folder.
+The arms, in :data:`ARMS` (the one registry, which ``benchmarks.run`` reads too): ``baseline`` (the model
+alone), ``width-matched`` (the model's family widened to ``--target-params``), ``gd`` and ``correlation``
+(torch-dendrites), ``perforatedai`` (the peer, GD mode), and task-specific reference arms (``minilm-finetune``
+for imdb). Every arm of ours and the peer's use the same data, seed, optimizer (Adam), batch size, epoch budget
+and patience, and report the test score at the best-validation epoch. The peer keeps global state and writes
+files into the working directory, so each arm runs in its own process and folder.
+
+Run: ``python -m benchmarks.run_arm --task tabular --arm gd --quick --out /tmp/gd.json``.
 """
 
 from __future__ import annotations
@@ -12,41 +15,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional, Tuple
 
 import torch
-from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import peer  # noqa: E402
-from tasks import TASKS, quick_variant  # noqa: E402
-
-import torch_dendrites as td  # noqa: E402
-
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+import torch_dendrites as td
+from benchmarks import peer, text
+from benchmarks.loop import evaluate, train_epoch
+from benchmarks.models import n_params
+from benchmarks.tasks import TASKS, Task, quick_variant
 
 
-@torch.no_grad()
-def evaluate(task, model, split, batch=1000) -> float:
-    model.eval()
-    x, y = split
-    logits = torch.cat([model(x[i : i + batch]) for i in range(0, len(y), batch)])
-    return task.score(logits, y)
+def _train(task: Task, model, opt, split, gen) -> None:
+    train_epoch(model, opt, split, task.loss, task.batch, gen)
 
 
-def train_epoch(task, model, opt, split, gen):
-    model.train()
-    x, y = split
-    perm = torch.randperm(len(y), generator=gen)
-    for i in range(0, len(y), task.batch):
-        idx = perm[i : i + task.batch]
-        opt.zero_grad(set_to_none=True)
-        task.loss(model(x[idx]), y[idx]).backward()
-        opt.step()
+def _score(task: Task, model, split) -> float:
+    return evaluate(model, split, task.score, batch=1000)
 
 
 def width_for(task, target: int) -> float:
@@ -94,8 +82,8 @@ def run_ours(task, arm, seed, splits, target, quick=False):
     curve = []
     t0 = time.perf_counter()
     while not ctl.done:
-        train_epoch(task, model, opt, train, gen)
-        r = ctl.step(evaluate(task, model, val), test=evaluate(task, model, test))
+        _train(task, model, opt, train, gen)
+        r = ctl.step(_score(task, model, val), test=_score(task, model, test))
         curve.append(r.score)
         if r.restructured:
             opt = make_opt()
@@ -147,8 +135,8 @@ def run_peer(task, seed, splits, quick=False):
     t0 = time.perf_counter()
     epochs = 0
     while epochs < task.epochs:
-        train_epoch(task, model, opt, train, gen)
-        v, t = evaluate(task, model, val), evaluate(task, model, test)
+        _train(task, model, opt, train, gen)
+        v, t = _score(task, model, val), _score(task, model, test)
         epochs += 1
         curve.append(v)
         if v > best[0]:  # test at the best-validation epoch, the same rule as the other arms
@@ -170,10 +158,72 @@ def run_peer(task, seed, splits, quick=False):
     }
 
 
+# ------------------------------------------------------------------------------------------ the arms
+@dataclass(frozen=True)
+class Arm:
+    """One arm of the task benchmarks: what it is and how it runs."""
+
+    description: str
+    run: Callable[[Task, int, bool, Optional[int]], dict]  # (task, seed, quick, target_params) -> result
+    kind: str  # "plain" (no dendrites, the whole budget), "ours" / "peer" (grow dendrites), "reference"
+    run_order: int  # a seed's arms run in this order (width-matched after gd, whose final size it matches)
+    target_from: Optional[str] = None  # the arm whose final parameter count this one is widened to
+    tasks: Optional[Tuple[str, ...]] = None  # None: every task; else the tasks this reference arm belongs to
+
+    @property
+    def grows(self) -> bool:
+        return self.kind in ("ours", "peer")
+
+    def belongs_to(self, task: str) -> bool:
+        return self.tasks is None or task in self.tasks
+
+
+def _ours(arm: str):
+    def run(task, seed, quick, target):
+        return run_ours(task, arm, seed, task.data(seed, quick), target, quick)
+
+    return run
+
+
+def _peer(task, seed, quick, target):
+    return run_peer(task, seed, task.data(seed, quick), quick)
+
+
+def _minilm(task, seed, quick, target):
+    return text.minilm_finetune(seed, quick)
+
+
+# The one registry of arms, in the order of the results tables.
+ARMS = {
+    "baseline": Arm("the model alone", _ours("baseline"), "plain", 0),
+    "width-matched": Arm(
+        "the model's family widened to the gd arm's final parameter count", _ours("width-matched"), "plain", 3,
+        target_from="gd",
+    ),
+    "gd": Arm("torch-dendrites, dendrites trained by gradient descent", _ours("gd"), "ours", 1),
+    "correlation": Arm("torch-dendrites, correlation-trained candidates", _ours("correlation"), "ours", 2),
+    "perforatedai": Arm("perforatedai 3.2.9, its gradient-descent dendrites", _peer, "peer", 4),
+    "minilm-finetune": Arm(
+        "the whole MiniLM fine-tuned on a subset of the same split (text.minilm_finetune)", _minilm, "reference", 5,
+        tasks=("imdb",),
+    ),
+}  # fmt: skip
+
+
+def arms_of(task: str):
+    """The names of the arms of ``task``, in table order."""
+    return [name for name, arm in ARMS.items() if arm.belongs_to(task)]
+
+
+def run_sequence(names):
+    """``names`` in the order one seed runs them."""
+    return sorted(names, key=lambda name: ARMS[name].run_order)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--task", required=True, choices=sorted(TASKS))
-    ap.add_argument("--arm", required=True)
+    ap.add_argument("--arm", required=True, help=f"one of {list(ARMS)} (some belong to one task only)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--target-params", type=int, default=None)
@@ -185,22 +235,14 @@ def main(argv=None):
     task = TASKS[args.task]
     if args.quick:
         task = quick_variant(task)
-    if args.arm == "width-matched" and args.target_params is None:
-        ap.error("--target-params is required for the width-matched arm")
-    if args.arm in task.extra_arms:
-        res = task.run_extra(args.arm, args.seed, args.quick)
-        res.update(task=task.name, arm=args.arm, seed=args.seed, quick=args.quick, epoch_budget=res["epochs"])
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res))
-        return 0
-    if args.arm not in ("baseline", "width-matched", "gd", "correlation", "perforatedai"):
+    if args.arm not in arms_of(task.name):
         ap.error(f"--arm {args.arm!r} is not an arm of task {task.name!r}")
-    splits = task.data(args.seed, args.quick)
-    if args.arm == "perforatedai":
-        res = run_peer(task, args.seed, splits, args.quick)
-    else:
-        res = run_ours(task, args.arm, args.seed, splits, args.target_params, args.quick)
-    res.update(task=task.name, arm=args.arm, seed=args.seed, quick=args.quick, epoch_budget=task.epochs)
+    arm = ARMS[args.arm]
+    if arm.target_from is not None and args.target_params is None:
+        ap.error(f"--target-params is required for the {args.arm} arm")
+    res = arm.run(task, args.seed, args.quick, args.target_params)
+    budget = res["epochs"] if arm.kind == "reference" else task.epochs  # a reference arm has its own budget
+    res.update(task=task.name, arm=args.arm, seed=args.seed, quick=args.quick, epoch_budget=budget)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res))
     return 0

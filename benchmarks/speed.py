@@ -5,19 +5,18 @@ step time relative to the plain model (interleaved rounds), peak resident memory
 variant in its own process), per-epoch bookkeeping (our ``controller.step`` vs the peer's
 ``add_validation_score``), and the time to convert a GPT-2-124M-shaped model (built from a config).
 
-Run: ``python benchmarks/speed.py`` (``--quick`` for a smoke run); writes benchmarks/results/speed.md.
+Run: ``python -m benchmarks.speed`` (``--quick`` for a smoke run); writes benchmarks/results/speed.md. Each
+measurement runs in a child process (``python -m benchmarks.speed --child ...``) in a fresh folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,15 +24,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks import peer
+from benchmarks.models import MnistNet, n_params
+from benchmarks.spawn import child_env, module_command
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import peer  # noqa: E402
 
 
 def cnn():
-    from tasks import _mnist_net
-
-    return _mnist_net(16, 32, 128)
+    return MnistNet(16, 32, 128)
 
 
 def peer_model(k: int, switch_every: bool = True):
@@ -100,7 +99,7 @@ def child(lib: str, k: int, rounds: int, steps: int, mode: str) -> dict:
                 fn()
             times[n].append((time.perf_counter() - t0) / steps)
     ratio = statistics.median(times["variant"]) / statistics.median(times["plain"])
-    return {"ratio": ratio, "params": sum(p.numel() for p in variant.parameters())}
+    return {"ratio": ratio, "params": n_params(variant)}
 
 
 def _bookkeeping(lib, variant) -> dict:
@@ -151,10 +150,9 @@ def convert_gpt2() -> dict:
 
 
 def spawn(args: list, work: Path) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
     out = work / "out.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(args), "--child-out", str(out)]
-    proc = subprocess.run(cmd, cwd=work, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env)
+    cmd = module_command("speed", "--child", json.dumps(args), "--child-out", str(out))
+    proc = subprocess.run(cmd, cwd=work, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=child_env())
     if proc.returncode != 0 or not out.exists():
         return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["failed"]}
     return json.loads(out.read_text())

@@ -6,7 +6,7 @@ n_b)`` (sample standard deviations, ``n - 1``). With fewer than two seeds on eit
 so nothing is declared either way. Scores are "higher is better"; pass negated losses otherwise.
 
 Example:
-    >>> from stats import compare
+    >>> from benchmarks.stats import compare
     >>> c = compare([95.1, 95.3, 94.9], [93.0, 93.4, 92.8])
     >>> c.word, round(c.diff, 2), c.beats
     ('beats', 2.03, True)

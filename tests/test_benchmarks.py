@@ -1,12 +1,14 @@
 """The benchmark harness on its quick variants.
 
 By default one task runs in-process (every arm of ours, the table, the verdicts and the figure); every
-task and arm end to end in subprocesses (the peer included) runs with ``make test-all``.
+task and arm end to end in subprocesses (``python -m benchmarks.run``, the peer included) runs with
+``make test-all``.
 """
 
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+TASKS = ("tabular", "mnist", "unet", "imdb", "lora")
+COMMON = {"baseline", "width-matched", "gd", "correlation", "perforatedai"}
 
 
 def _check_table(tmp_path, task, want):
@@ -34,10 +38,10 @@ def _check_table(tmp_path, task, want):
 
 def test_quick_task_in_process(tmp_path, monkeypatch):
     pytest.importorskip("sklearn")
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    import run as bench_run
-    import run_arm
-    from tasks import TASKS, quick_variant
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import run as bench_run
+    from benchmarks import run_arm
+    from benchmarks.tasks import TASKS, quick_variant
 
     task = quick_variant(TASKS["tabular"])
     rows = []
@@ -55,15 +59,33 @@ def test_quick_task_in_process(tmp_path, monkeypatch):
     assert int(arms["gd"]["epochs"]) <= task.epochs
 
 
+def test_arm_registry_is_what_run_and_run_arm_use(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import run as bench_run
+    from benchmarks import run_arm
+
+    assert set(bench_run.COMMON) == COMMON and run_arm.ARMS["width-matched"].target_from == "gd"
+    assert run_arm.arms_of("imdb") == [*bench_run.COMMON, "minilm-finetune"]
+    assert run_arm.arms_of("tabular") == bench_run.COMMON
+    # gd runs before width-matched, which matches its final size
+    assert run_arm.run_sequence(run_arm.arms_of("imdb")) == [
+        "baseline", "gd", "correlation", "width-matched", "perforatedai", "minilm-finetune"
+    ]  # fmt: skip
+    with pytest.raises(SystemExit):
+        run_arm.main(["--task", "tabular", "--arm", "minilm-finetune", "--out", "unused.json"])
+
+
 @pytest.mark.slow
-def test_quick_benchmarks_run_every_arm(tmp_path):
+@pytest.mark.parametrize("task", TASKS)
+def test_quick_benchmark_runs_every_arm(tmp_path, task):
+    """``python -m benchmarks.run <task> --quick``, started outside the repository (each arm in a subprocess)."""
     pytest.importorskip("sklearn")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     res = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "all", "--quick", "--seeds", "1", "--out", str(tmp_path)],
-        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=1800,
+        [sys.executable, "-m", "benchmarks.run", task, "--quick", "--seeds", "1", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=1800, cwd=tmp_path, env=env,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
-    for task in ("tabular", "mnist", "unet", "imdb", "lora"):
-        want = {"baseline", "width-matched", "gd", "correlation", "perforatedai"}
-        arms = _check_table(tmp_path, task, want | ({"minilm-finetune"} if task == "imdb" else set()))
-        assert set(arms) == (want | {"minilm-finetune"} if task == "imdb" else want), task
+    want = COMMON | ({"minilm-finetune"} if task == "imdb" else set())
+    arms = _check_table(tmp_path / "out", task, want)
+    assert set(arms) == want, task

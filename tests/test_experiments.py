@@ -1,6 +1,6 @@
-"""The issue-16 experiments (benchmarks/continual.py, benchmarks/dann.py) on their quick synthetic variants,
-in-process, and the helpers they share: the one "beats" rule (benchmarks/stats.py) and the learning-rate search
-(benchmarks/experiment.py)."""
+"""The issue-16 experiments (``benchmarks.continual``, ``benchmarks.dann``) on their quick synthetic variants,
+in-process, and the helpers they share: the one "beats" rule (``benchmarks.stats``) and the learning-rate search
+(``benchmarks.experiment``)."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.syspath_prepend(str(ROOT))
     monkeypatch.setenv("MPLBACKEND", "Agg")
 
 
 # ------------------------------------------------------------------------------ stats
 def test_beats_rule_is_two_standard_errors_of_the_difference(bench):
-    import stats
+    from benchmarks import stats
 
     a, b = [10.0, 11.0, 12.0], [8.0, 9.0, 10.0]  # diff 2, sd 1 each: se = sqrt(2/3), 2 se = 1.633
     c = stats.compare(a, b)
@@ -37,7 +37,7 @@ def test_beats_rule_is_two_standard_errors_of_the_difference(bench):
 
 
 def test_lr_search_extends_past_an_edge_and_flags_it(bench):
-    from experiment import search_lr
+    from benchmarks.experiment import search_lr
 
     calls = []
 
@@ -57,7 +57,7 @@ def test_lr_search_extends_past_an_edge_and_flags_it(bench):
 
 
 def test_run_log_resumes_without_repeating_runs(bench, tmp_path):
-    from experiment import RunLog
+    from benchmarks.experiment import RunLog
 
     calls = []
     log = RunLog(tmp_path / "x.json", resume=False, meta={"a": 1})
@@ -70,7 +70,7 @@ def test_run_log_resumes_without_repeating_runs(bench, tmp_path):
 
 # ------------------------------------------------------------------------------ experiments, quick
 def test_continual_quick_runs_every_arm_with_matched_budgets(bench, tmp_path):
-    import continual
+    from benchmarks import continual
 
     done, doc = continual.main(["--quick", "--seeds", "2", "--out", str(tmp_path)])
     names = {"dendrites+kwta", "kwta", "dendrites", "mlp", "kwta-wide", "kwta-wide+context", "cascade+kwta",
@@ -100,7 +100,7 @@ def test_continual_quick_runs_every_arm_with_matched_budgets(bench, tmp_path):
 
 
 def test_dann_quick_runs_both_orders_with_matched_budgets(bench, tmp_path):
-    import dann
+    from benchmarks import dann
 
     res, doc = dann.main(["--quick", "--seeds", "2", "--out", str(tmp_path)])
     final = [r for r in doc["runs"] if r["phase"] == "final"]
@@ -118,10 +118,10 @@ def test_dann_quick_runs_both_orders_with_matched_budgets(bench, tmp_path):
 
 
 def test_dann_arm_is_a_soma_fed_only_by_sparse_dendrites(bench):
-    import dann
     import torch
 
     import torch_dendrites as td
+    from benchmarks import dann
 
     net = dann.dann(dann.FULL, "random", 0)
     layer = net[0]

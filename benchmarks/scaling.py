@@ -54,20 +54,13 @@ def _llama_1b() -> nn.Module:
 MODELS: Dict[str, Callable[[], nn.Module]] = {"gpt2-124m": _gpt2, "llama-1b": _llama_1b}
 
 
-def _rss() -> int:
+def _status(field: str) -> int:
+    """A size field of ``/proc/self/status`` (``VmRSS``: resident now, ``VmHWM``: peak), in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-def _hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def _reset_peak() -> None:
@@ -85,11 +78,11 @@ def measure(fn: Callable[[], object]) -> tuple:
     gc.collect()
     _LIBC.malloc_trim(0)
     _reset_peak()
-    before = _rss()
+    before = _status("VmRSS")
     t0 = time.perf_counter()
     out = fn()
     seconds = time.perf_counter() - t0
-    return out, seconds, max(0, _hwm() - before)
+    return out, seconds, max(0, _status("VmHWM") - before)
 
 
 def build_materialised(name: str, seed: int = 0) -> nn.Module:

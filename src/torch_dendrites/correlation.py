@@ -17,7 +17,7 @@ gains are zero and frozen), so the model's function is unchanged; their gradient
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -46,7 +46,6 @@ def _pair_sum(t: torch.Tensor, p: int) -> torch.Tensor:
     return t.sum(dims) if dims else t
 
 
-@runtime_checkable
 class CandidateHolder(Protocol):
     """What a dendrite stack implements to take part in correlation training (the cascade type does).
 
@@ -69,9 +68,22 @@ class CandidateHolder(Protocol):
     def clear_candidates(self) -> None: ...
 
 
+_CANDIDATE_METHODS = ("new_candidates", "attach_candidates", "add_candidates", "install_candidate", "clear_candidates")
+
+
 def holds_candidates(stack: Any) -> bool:
-    """Whether a dendrite stack implements :class:`CandidateHolder`."""
-    return isinstance(stack, CandidateHolder)
+    """Whether a dendrite stack implements :class:`CandidateHolder`.
+
+    Checked by hand, not with ``isinstance`` against a ``runtime_checkable`` protocol: from Python 3.12 on such a
+    check reads attributes with ``inspect.getattr_static``, which does not see an ``nn.Module``'s submodules
+    (``candidates`` lives in ``_modules``), so every stack would fail it and correlation mode would silently
+    train no candidates.
+    """
+    return (
+        all(callable(getattr(type(stack), m, None)) for m in _CANDIDATE_METHODS)
+        and hasattr(stack, "candidates")
+        and hasattr(stack, "correlation")
+    )
 
 
 def candidates_of(stack: Any) -> Sequence[nn.Module]:

@@ -1,18 +1,22 @@
 """Training-step overhead of dendritic layers relative to plain PyTorch, and controller bookkeeping cost.
 
 For each model (the demo's MNIST CNN, and a stack of Linear layers over [batch, tokens, features]) the
-plain model and the wrapped model with 0, 1, 2 and 3 dendrite sets are timed in the same process,
-interleaved round by round; the table gives median step time relative to plain, next to the FLOP-ideal
-ratio (the training step's FLOPs counted by torch.utils.flop_counter, relative to plain) and their
-quotient. Goals (Foundation issue): 0 dendrites <= 1.03x plain; k dendrites <= 1.10x the FLOP ideal;
-``controller.step`` <= 20 ms per epoch.
+plain model and the wrapped model with 0, 1, 2 and 3 dendrite sets (and a correlation candidate phase) are timed
+by the one harness (``benchmarks/timing.py``: interleaved rounds, warm-up, pinned threads, fresh models per
+repeat); the table gives the step time relative to plain as the median and interquartile range over the
+repeats, next to the FLOP-ideal ratio (the training step's FLOPs counted by torch.utils.flop_counter, relative to
+plain) and their quotient. With ``--memory`` it also gives each variant's peak memory during a step relative to
+plain (CUDA: ``max_memory_allocated``; CPU: not measured in-process, see ``speed.py``'s peak RSS).
+Goals: 0 dendrites <= 1.03x plain; k dendrites <= 1.05x the FLOP ideal; ``controller.step`` <= 20 ms per epoch.
 
-Run: ``python -m benchmarks.overhead`` (``--quick`` for a smoke run).
+Run: ``python -m benchmarks.overhead`` (``--quick`` for a smoke run; ``--device cuda --precision fp32,bf16,fp16``
+on a GPU, as ``benchmarks/gpu_check.sh`` does; ``--out`` names the results file).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import tempfile
@@ -25,7 +29,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import torch_dendrites as td
+from benchmarks import timing
 from benchmarks.models import MnistNet
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TokenStack(nn.Module):
@@ -39,13 +46,24 @@ class TokenStack(nn.Module):
         return x
 
 
-def make_step(model, x, y, loss_fn):
+def make_step(model, x, y, loss_fn, precision: str = "fp32"):
+    """One SGD training step on a fixed batch; ``bf16``/``fp16`` under autocast (``fp16`` with a GradScaler)."""
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    dev = x.device.type
+    dtype = PRECISIONS[precision]
+    scaler = torch.amp.GradScaler(dev) if precision == "fp16" else None
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-        opt.step()
+        with torch.autocast(dev, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+            loss = loss_fn(model(x).float(), y)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
 
     return step
 
@@ -81,28 +99,39 @@ def variants(base: nn.Module, max_k: int):
     return out
 
 
-def bench_model(name, base, x, y, loss_fn, max_k, rounds, steps):
+def peak_memory(model, x, y, loss_fn, precision: str) -> float:
+    """Peak CUDA memory (bytes) of a few training steps, above what was allocated before (NaN on the CPU)."""
+    if x.device.type != "cuda":
+        return float("nan")
+    step = make_step(model, x, y, loss_fn, precision)
+    step()  # optimizer state and autocast caches exist from here on, as in training
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    return float(torch.cuda.max_memory_allocated() - before)
+
+
+def bench_model(name, base, x, y, loss_fn, max_k, rounds, steps, repeats=3, precision="fp32", memory=False):
+    device = x.device
+    base = base.to(device)
     models = variants(base, max_k)
-    steps_fn = {k: make_step(m, x, y, loss_fn) for k, m in models.items()}
     flops = {k: step_flops(m, x, y, loss_fn) for k, m in models.items()}
-    for fn in steps_fn.values():  # warm-up
-        for _ in range(3):
-            fn()
-    times = {k: [] for k in models}
-    for _ in range(rounds):  # interleaved: each round times every variant once
-        for k, fn in steps_fn.items():
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                fn()
-            times[k].append((time.perf_counter() - t0) / steps)
-    med = {k: statistics.median(v) for k, v in times.items()}
+
+    def make():  # fresh copies of every variant for each repeat
+        return {k: make_step(copy.deepcopy(m), x, y, loss_fn, precision) for k, m in models.items()}
+
+    spreads = timing.ratios(make, "plain", repeats, rounds, steps, device=device)
+    mem = {k: peak_memory(copy.deepcopy(m), x, y, loss_fn, precision) for k, m in models.items()} if memory else {}
     rows = []
     for k in models:
         if k == "plain":
             continue
-        ratio = med[k] / med["plain"]
         ideal = flops[k] / flops["plain"]
-        rows.append((name, k, ratio, ideal, ratio / ideal))
+        mem_ratio = mem[k] / mem["plain"] if memory and mem["plain"] > 0 else float("nan")
+        rows.append((name, k, precision, spreads[k], ideal, spreads[k].median / ideal, mem_ratio))
     return rows
 
 
@@ -134,43 +163,57 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5, help="training steps per timed block")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16, fp16")
+    ap.add_argument("--memory", action="store_true", help="also the peak memory of a step (CUDA only)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "overhead.md")
     args = ap.parse_args(argv)
-    rounds, steps = (3, 2) if args.quick else (args.rounds, 5)
+    threads = timing.pin_threads()
+    rounds, steps, repeats = (3, 2, 2) if args.quick else (args.rounds, args.steps, args.repeats)
+    device = torch.device(args.device)
+    precisions = args.precision.split(",")
+    for p in precisions:
+        if p not in PRECISIONS:
+            ap.error(f"--precision {p!r}: choose from {sorted(PRECISIONS)}")
     torch.manual_seed(0)
     rows = []
-    cnn_x, cnn_y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
-    rows += bench_model(
-        "MNIST CNN (demo, half width)", MnistNet(16, 32, 128), cnn_x, cnn_y, F.nll_loss, 3, rounds, steps
-    )
-    tok_x = torch.randn(16, 64, 256)
-    rows += bench_model(
-        "Linear stack on [16, 64, 256]", TokenStack(), tok_x, torch.randn(16, 64, 256), F.mse_loss, 3, rounds, steps
-    )
+    cnn_x, cnn_y = torch.randn(64, 1, 28, 28, device=device), torch.randint(0, 10, (64,), device=device)
+    tok_x, tok_y = torch.randn(16, 64, 256, device=device), torch.randn(16, 64, 256, device=device)
+    for precision in precisions:
+        rows += bench_model("MNIST CNN (demo, half width)", MnistNet(16, 32, 128), cnn_x, cnn_y, F.nll_loss, 3,
+                            rounds, steps, repeats, precision, args.memory)  # fmt: skip
+        rows += bench_model("Linear stack on [16, 64, 256]", TokenStack(), tok_x, tok_y, F.mse_loss, 3, rounds,
+                            steps, repeats, precision, args.memory)  # fmt: skip
     ctl = bench_controller(8 if args.quick else 60)
-
+    where = f"{device.type}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
     lines = [
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, medians of {rounds} interleaved rounds",
+        f"torch {torch.__version__}, {where}, {threads} thread(s); step time / plain: median (interquartile range) "
+        f"over {repeats} repeats, each the median of {rounds} interleaved rounds of {steps} steps "
+        "(`benchmarks/timing.py`). Generated by `python -m benchmarks.overhead`.",
         "",
-        "| model | variant | step time / plain | FLOP-ideal ratio | time / ideal | goal |",
-        "|---|---|---:|---:|---:|---|",
+        "| model | variant | precision | step time / plain | FLOP-ideal ratio | time / ideal | peak memory / plain "
+        "| goal |",
+        "|---|---|---|---:|---:|---:|---:|---|",
     ]
-    for name, k, ratio, ideal, q in rows:
+    for name, k, precision, sp, ideal, q, mem in rows:
         if "candidate" in k:
             goal = "(no goal set; candidate phase)"
         elif k.startswith("0 "):
-            goal = f"<= 1.03x plain: {'met' if ratio <= 1.03 else 'MISSED'}"
+            goal = f"<= 1.03x plain: {'met' if sp.median <= 1.03 else 'MISSED'}"
         else:
-            goal = f"<= 1.10x ideal: {'met' if q <= 1.10 else 'MISSED'}"
-        lines.append(f"| {name} | {k} | {ratio:.3f} | {ideal:.3f} | {q:.3f} | {goal} |")
+            goal = f"<= 1.05x ideal: {'met' if q <= 1.05 else 'MISSED'}"
+        mem_s = "n/a" if mem != mem else f"{mem:.2f}x"
+        lines.append(f"| {name} | {k} | {precision} | {sp} | {ideal:.3f} | {q:.3f} | {mem_s} | {goal} |")
     lines += ["", "| controller.step per epoch | median ms | goal <= 20 ms |", "|---|---:|---|"]
     for label, ms in ctl.items():
         lines.append(f"| {label} | {ms:.2f} | {'met' if ms <= 20 else 'MISSED'} |")
     text = "\n".join(lines)
     print(text)
     if not args.quick:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "overhead.md").write_text(text + "\n")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
     return 0
 
 

@@ -1,7 +1,8 @@
 """Speed table: torch-dendrites and perforatedai side by side, each against plain PyTorch in the same process.
 
-For k = 0..3 dendrite sets on the MNIST example CNN (half-width convolutions, batch 64): median training
-step time relative to the plain model (interleaved rounds), peak resident memory relative to plain (each
+For k = 0..3 dendrite sets on the MNIST example CNN (half-width convolutions, batch 64): training step time
+relative to the plain model (the one harness, ``benchmarks/timing.py``: interleaved rounds in one child process
+per repeat, median and interquartile range over the repeats), peak resident memory relative to plain (each
 variant in its own process), per-epoch bookkeeping (our ``controller.step`` vs the peer's
 ``add_validation_score``), and the time to convert a GPT-2-124M-shaped model (built from a config).
 
@@ -24,8 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks import peer
+from benchmarks import peer, timing
 from benchmarks.models import MnistNet, n_params
+from benchmarks.overhead import make_step
 from benchmarks.spawn import child_env, module_command
 
 HERE = Path(__file__).resolve().parent
@@ -63,19 +65,13 @@ def ours_model(k: int):
 
 
 def step_fn(model, x, y):
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        F.nll_loss(model(x), y).backward()
-        opt.step()
-
-    return step
+    """The training step every speed table times (``overhead.make_step``), with the CNN's loss."""
+    return make_step(model, x, y, F.nll_loss)
 
 
 def child(lib: str, k: int, rounds: int, steps: int, mode: str) -> dict:
     """Runs in a subprocess: time (plain vs variant, interleaved) or peak memory of one variant."""
-    torch.set_num_threads(2)
+    timing.pin_threads()
     torch.manual_seed(0)
     x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
     if mode == "memory":
@@ -87,19 +83,8 @@ def child(lib: str, k: int, rounds: int, steps: int, mode: str) -> dict:
     if mode == "bookkeeping":
         return _bookkeeping(lib, ours_model(0) if lib == "ours" else peer_model(0, switch_every=False)[0])
     variant = ours_model(k) if lib == "ours" else peer_model(k)[0]
-    fns = {"plain": step_fn(cnn(), x, y), "variant": step_fn(variant, x, y)}
-    for fn in fns.values():
-        for _ in range(3):
-            fn()
-    times = {n: [] for n in fns}
-    for _ in range(rounds):
-        for n, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                fn()
-            times[n].append((time.perf_counter() - t0) / steps)
-    ratio = statistics.median(times["variant"]) / statistics.median(times["plain"])
-    return {"ratio": ratio, "params": n_params(variant)}
+    med = timing.interleaved({"plain": step_fn(cnn(), x, y), "variant": step_fn(variant, x, y)}, rounds, steps)
+    return {"ratio": med["variant"] / med["plain"], "params": n_params(variant)}
 
 
 def _bookkeeping(lib, variant) -> dict:
@@ -163,6 +148,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--child", default=None)
     ap.add_argument("--child-out", default=None)
+    ap.add_argument("--repeats", type=int, default=3, help="independent child processes per timed variant")
     args = ap.parse_args(argv)
     if args.child:
         spec = json.loads(args.child)
@@ -183,7 +169,11 @@ def main(argv=None):
         plain_mem = run(["plain", 0, 0, 3 if args.quick else 10, "memory"]).get("maxrss_kb")
         for k in ks:
             for lib in ("ours", "peer"):
-                t = run([lib, k, rounds, steps, "time"])
+                reps = [run([lib, k, rounds, steps, "time"]) for _ in range(2 if args.quick else args.repeats)]
+                failed = [r for r in reps if "error" in r]
+                t = dict(failed[0]) if failed else {"params": reps[0]["params"]}
+                if not failed:
+                    t["ratio"] = timing.spread([r["ratio"] for r in reps])
                 if k == 0:
                     t.update(run([lib, 0, 0, 0, "bookkeeping"]))
                 m = run([lib, k, 0, 3 if args.quick else 10, "memory"])
@@ -191,8 +181,10 @@ def main(argv=None):
                 print(lib, k, t, m, flush=True)
         gpt2 = {} if args.quick else run(["gpt2"])
     lines = [
-        f"torch {torch.__version__}, 2 threads, MNIST example CNN (convs 16-32, fc 128), batch 64; step-time "
-        f"ratios are medians of {rounds} interleaved rounds against plain PyTorch in the same process.",
+        f"torch {torch.__version__}, {timing.pin_threads()} thread(s) per process, MNIST example CNN (convs 16-32, "
+        f"fc 128), batch 64; step time / plain: median (interquartile range) over "
+        f"{2 if args.quick else args.repeats} child processes, each the median of {rounds} interleaved rounds "
+        "against plain PyTorch in the same process (`benchmarks/timing.py`).",
         "",
         "| library | dendrite sets | parameters | step time / plain | peak RSS / plain | bookkeeping per epoch |",
         "|---|---:|---:|---:|---:|---:|",
@@ -204,7 +196,7 @@ def main(argv=None):
             continue
         mem = f"{m['maxrss_kb'] / plain_mem:.2f}x" if "maxrss_kb" in m and plain_mem else "n/a"
         book = f"{t['bookkeeping_ms']:.2f} ms" if "bookkeeping_ms" in t else ""
-        lines.append(f"| {name} | {k} | {t['params']:,} | {t['ratio']:.2f}x | {mem} | {book} |")
+        lines.append(f"| {name} | {k} | {t['params']:,} | {t['ratio']} | {mem} | {book} |")
     if gpt2:
         lines += ["", "GPT-2-124M-shaped model (random init from `GPT2Config()`), wall seconds:", ""]
         lines.append(

@@ -1,0 +1,106 @@
+"""The one timing harness behind every speed table (``overhead.py``, ``speed.py``, the GPU check).
+
+A measurement is a set of step functions timed **interleaved**: every round runs each function ``steps`` times,
+in an order that rotates from round to round, so slow drifts of a shared machine (another job starting, the
+CPU clocking down) hit every variant alike. Each function is warmed up first, the thread count is fixed per
+process (``pin_threads``), CUDA work is synchronised around every timed block, and a **repeat** builds fresh
+models and times them again. Ratios to a reference function are taken per repeat (median over rounds), and a
+table reports the median and interquartile range of the ratio over at least 3 repeats: ``1.80x (1.76-1.83)``.
+
+Example:
+    >>> from benchmarks.timing import spread
+    >>> str(spread([1.0, 1.2, 1.1, 1.3]))
+    '1.15x (1.08-1.22)'
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Mapping, Sequence, Tuple
+
+import torch
+
+__all__ = ["Spread", "interleaved", "pin_threads", "ratios", "spread"]
+
+
+@dataclass(frozen=True)
+class Spread:
+    """The median and interquartile range of a ratio over independent repeats."""
+
+    median: float
+    q1: float
+    q3: float
+    values: Tuple[float, ...]
+
+    def __str__(self) -> str:
+        return f"{self.median:.2f}x ({self.q1:.2f}-{self.q3:.2f})"
+
+
+def spread(values: Sequence[float]) -> Spread:
+    """The median and quartiles (``statistics.quantiles``, inclusive method) of ``values``."""
+    vs = sorted(float(v) for v in values)
+    if not vs:
+        raise ValueError("no values to summarise")
+    if len(vs) == 1:
+        return Spread(vs[0], vs[0], vs[0], tuple(vs))
+    q1, _, q3 = statistics.quantiles(vs, n=4, method="inclusive")
+    return Spread(statistics.median(vs), q1, q3, tuple(vs))
+
+
+def pin_threads(default: int = 1) -> int:
+    """Fix this process's intra-op thread count (``BENCH_THREADS``, else ``default``); returns it. On a loaded
+    2-core machine two threads per process can be many times slower than one, so tables say what they used."""
+    n = max(1, int(os.environ.get("BENCH_THREADS", default)))
+    torch.set_num_threads(n)
+    return n
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(
+    fns: Mapping[str, Callable[[], None]], rounds: int, steps: int, warmup: int = 3, device="cpu"
+) -> Dict[str, float]:
+    """Median seconds per call of each function over ``rounds`` interleaved rounds of ``steps`` calls."""
+    device = torch.device(device)
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    _sync(device)
+    times: Dict[str, list] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]  # rotate who goes first
+        for name in order:
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fns[name]()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) / steps)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+def ratios(
+    make: Callable[[], Mapping[str, Callable[[], None]]],
+    reference: str,
+    repeats: int = 3,
+    rounds: int = 11,
+    steps: int = 5,
+    warmup: int = 3,
+    device="cpu",
+) -> Dict[str, Spread]:
+    """``make()`` builds fresh step functions (one of them named ``reference``) for each repeat; returns every
+    other function's time over the reference's, as a :class:`Spread` over the repeats."""
+    per: Dict[str, list] = {}
+    for _ in range(repeats):
+        med = interleaved(make(), rounds, steps, warmup, device)
+        for name, t in med.items():
+            if name != reference:
+                per.setdefault(name, []).append(t / med[reference])
+    return {name: spread(v) for name, v in per.items()}

@@ -32,3 +32,38 @@ def test_plan_wrap_and_grow_on_meta_allocate_nothing(dendrite_type):
     for p in small.parameters():
         nn.init.normal_(p)
     assert torch.isfinite(small(torch.randn(2, 8))).all()
+
+
+@pytest.mark.parametrize("base_weights", [True, False])
+def test_a_model_planned_and_grown_on_meta_loads_a_checkpoint_after_to_empty(tmp_path, base_weights):
+    """The large-model path: build, wrap and grow on meta (nothing allocated), materialise with to_empty, then
+    td.load fills every weight (full folder), or the dendrites onto the pretrained base (adapter-sized)."""
+
+    def build():
+        return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+
+    torch.manual_seed(0)
+    trained = td.add_dendrites(build())
+    td.grow(trained, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in td.dendritic_layers(trained)["0"].dendrites.parameters():
+            p.add_(0.1)  # output gains away from zero, as after training
+    if not base_weights:
+        for name, p in trained.named_parameters():
+            p.requires_grad_("dendrites" in name)
+    td.save(tmp_path / "ck", trained, base_weights=base_weights)
+    x = torch.randn(4, 6)
+    with torch.device("meta"):
+        fresh = build()
+    td.add_dendrites(fresh)
+    td.grow(fresh)
+    assert all(p.is_meta for p in fresh.parameters())
+    with pytest.raises(td.CheckpointError, match="meta"):
+        td.load(tmp_path / "ck", fresh)  # refused, with the fix named, and nothing changed
+    assert all(p.is_meta for p in fresh.parameters())
+    fresh.to_empty(device="cpu")
+    if not base_weights:  # the pretrained base is loaded first, as it would be from its own files
+        fresh.load_state_dict({k: v for k, v in trained.state_dict().items() if "dendrites" not in k}, strict=False)
+    td.load(tmp_path / "ck", fresh)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), trained(x))

@@ -1,12 +1,12 @@
 """Training-step overhead of dendritic layers relative to plain PyTorch, and controller bookkeeping cost.
 
-For each model (the demo's MNIST CNN, and a stack of Linear layers over [batch, tokens, features]) the
-plain model and the wrapped model with 0, 1, 2 and 3 dendrite sets (and a correlation candidate phase) are timed
-by the one harness (``benchmarks/timing.py``: interleaved rounds, warm-up, pinned threads, fresh models per
-repeat); the table gives the step time relative to plain as the median and interquartile range over the
-repeats, next to the FLOP-ideal ratio (the training step's FLOPs counted by torch.utils.flop_counter, relative to
-plain) and their quotient. With ``--memory`` it also gives each variant's peak memory during a step relative to
-plain (CUDA: ``max_memory_allocated``; CPU: not measured in-process, see ``speed.py``'s peak RSS).
+For each model (the demo's MNIST CNN, and a stack of Linear layers over [batch, tokens, features]) the wrapped model
+with 0, 1, 2 and 3 dendrite sets (and a correlation candidate phase) is timed against the plain model, one variant
+and the plain model at a time, by the one harness (``benchmarks/timing.py``: interleaved rounds, warm-up, pinned
+threads, fresh models per repeat); the table gives the step time relative to plain as the median and interquartile
+range over the repeats, next to the FLOP-ideal ratio (the training step's FLOPs counted by torch.utils.flop_counter,
+relative to plain) and their quotient. With ``--memory`` it also gives each variant's peak memory during a step
+relative to plain (CUDA: ``max_memory_allocated``; CPU: not measured in-process, see ``speed.py``'s peak RSS).
 Goals: 0 dendrites <= 1.03x plain; k dendrites <= 1.05x the FLOP ideal; ``controller.step`` <= 20 ms per epoch.
 
 Run: ``python -m benchmarks.overhead`` (``--quick`` for a smoke run; ``--device cuda --precision fp32,bf16,fp16``
@@ -120,10 +120,17 @@ def bench_model(name, base, x, y, loss_fn, max_k, rounds, steps, repeats=3, prec
     models = variants(base, max_k)
     flops = {k: step_flops(m, x, y, loss_fn) for k, m in models.items()}
 
-    def make():  # fresh copies of every variant for each repeat
-        return {k: make_step(copy.deepcopy(m), x, y, loss_fn, precision) for k, m in models.items()}
+    # Each variant is timed in a pair with the plain model (fresh copies for each repeat), as speed.py does.
+    spreads = {}
+    for k, m in models.items():
+        if k == "plain":
+            continue
 
-    spreads = timing.ratios(make, "plain", repeats, rounds, steps, device=device)
+        def make(m=m, k=k):
+            return {"plain": make_step(copy.deepcopy(models["plain"]), x, y, loss_fn, precision),
+                    k: make_step(copy.deepcopy(m), x, y, loss_fn, precision)}  # fmt: skip
+
+        spreads.update(timing.ratios(make, "plain", repeats, rounds, steps, device=device))
     mem = {k: peak_memory(copy.deepcopy(m), x, y, loss_fn, precision) for k, m in models.items()} if memory else {}
     rows = []
     for k in models:

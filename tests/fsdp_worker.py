@@ -127,6 +127,9 @@ def main(out_dir: str) -> None:
     }
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     if distributed:
+        # Every rank reaches the end before the group is torn down: rank 0 alone saves, and a rank that tore
+        # down while the other was still saving once left that one hanging in gloo's teardown.
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -132,6 +132,9 @@ def main(argv=None):
         if rank == 0 or fsdp:  # under FSDP every rank helps gather the shards; rank 0 writes
             td.save(args.record / f"model_world{world}", net)
     if distributed:
+        # Every rank reaches the end before the group is torn down: rank 0 alone saves, and a rank that tore
+        # down while the other was still saving once left that one hanging in gloo's teardown.
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -327,3 +327,80 @@ def test_weights_are_written_as_standard_safetensors_without_a_copy_of_the_data(
     td.save(tmp_path / "ck", net)
     saved = load_file(tmp_path / "ck" / "model.safetensors")
     assert all(torch.equal(saved[k], v) for k, v in net.state_dict().items())
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("already_grown", [False, True])
+def test_weights_file_changed_between_check_and_apply_leaves_the_model_as_it_was(tmp_path, monkeypatch, already_grown):
+    """The weights are hashed while checking and read again into the model at the end; if that second read
+    differs (the file edited in place in between), the load fails and every tensor it had overwritten gets
+    its value back: those of a fresh base model, and those of a model that already held the structure."""
+    from torch_dendrites.persistence import checkpoint
+
+    model, x = grown("mlp")
+    ctl = td.GrowthController(model, td.GrowthConfig())
+    folder = td.save(tmp_path / "m", model, ctl)
+    target = fresh("mlp")
+    if already_grown:
+        target = td.load(folder, target)
+        with torch.no_grad():
+            for p in target.parameters():
+                p.mul_(0.5)
+    before, structure = _state(target), td.summary(target).wrapped
+    other = td.GrowthController(td.add_dendrites(fresh("mlp")), td.GrowthConfig(patience=9))
+    td.remove_dendrites(other.model)
+    other_before = {k: v for k, v in vars(other).items() if k != "model"}
+    real = checkpoint._load_weights
+
+    def edit_then_load(model_, r, tx, existing):
+        with open(folder / "model.safetensors", "r+b") as f:  # the same file (inode): what the open descriptor sees
+            f.seek(-3, 2)
+            last = f.read(1)
+            f.seek(-3, 2)
+            f.write(bytes([last[0] ^ 0x40]))
+        return real(model_, r, tx, existing)
+
+    monkeypatch.setattr(checkpoint, "_load_weights", edit_then_load)
+    monkeypatch.setattr(checkpoint, "_BATCH_BYTES", 64)  # many batches: some already loaded when it fails
+    with pytest.raises(td.CheckpointError, match="does not match the hash"):
+        td.load(folder, target, other)
+    assert td.summary(target).wrapped == structure
+    after = target.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    assert {k: v for k, v in vars(other).items() if k != "model"} == other_before
+
+
+@pytest.mark.parametrize("adapter", [False, True])
+def test_load_holds_one_batch_of_the_file_at_a_time(tmp_path, monkeypatch, adapter):
+    """The weights file is never held whole: each tensor read is freed once its batch is in the model (so a
+    load's peak is the model, the values it may have to put back, and one batch)."""
+    import weakref
+
+    from torch_dendrites.persistence import checkpoint
+
+    model, x = grown("mlp", sets=3)
+    if adapter:
+        for name, p in model.named_parameters():
+            p.requires_grad_(".dendrites." in name)
+    folder = td.save(tmp_path / "m", model, base_weights=not adapter)
+    real, alive, most = checkpoint.iter_data, [], [0]
+
+    def watched(*args):
+        for key, t in real(*args):
+            most[0] = max(most[0], sum(r() is not None for r in alive))
+            alive.append(weakref.ref(t))
+            yield key, t
+
+    monkeypatch.setattr(checkpoint, "iter_data", watched)
+    monkeypatch.setattr(checkpoint, "_BATCH_BYTES", 1)  # a batch per tensor
+    target = fresh("mlp")
+    if adapter:  # the pretrained base the adapter-sized folder was trained on
+        target.load_state_dict({k.replace(".base.", "."): v for k, v in model.state_dict().items()
+                                if ".dendrites." not in k})  # fmt: skip
+    loaded = td.load(folder, target)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert len(alive) >= 10 and most[0] <= 1  # only the tensor the loop variable still refers to

@@ -5,11 +5,18 @@ every safetensors header (no data); the structure the recipe describes, rebuilt 
 compared key by key, shape by shape with the headers; the controller and training documents against the
 objects they go into; then the data (bounded by the checked headers), whose SHA-256 must match the
 recipe's. Only then is anything applied, in a transaction that undoes every step if a later one fails.
+
+The model's weights are the one exception to "read, then apply": they are hashed while checking, not kept,
+and read a second time, a batch of tensors at a time, straight into the model as the last step of the
+transaction (the file's hash checked again at the end). So a load holds no second copy of the model: only
+the values of the tensors it overwrites (none for an adapter-sized folder, whose new dendrites are simply
+removed on failure), to put them back if the second read fails or differs.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import secrets
 import stat
@@ -32,6 +39,8 @@ from .codec import (
     Entry,
     Header,
     dumps,
+    hash_data,
+    iter_data,
     loads,
     pack_state,
     read_data,
@@ -266,6 +275,13 @@ class _Read:
     controller: Optional[dict] = None
     training: Optional[Training] = None
     index_bounds: Dict[str, int] = field(default_factory=dict)
+    fs: Optional[io.FileSystem] = None
+    weights_fd: Optional[int] = None  # a descriptor of its own on the weights file, read again by _load_weights
+
+    def close(self) -> None:
+        if self.weights_fd is not None:
+            os.close(self.weights_fd)
+            self.weights_fd = None
 
 
 def _open_tensors(folder: io.Folder, name: str, read: _Read) -> _Tensors:
@@ -484,7 +500,9 @@ def _plan_training(folder: io.Folder, read: _Read, optimizer, scheduler, rng, ge
 
 
 def _read_data(folder: io.Folder, read: _Read) -> None:
-    total = sum(t.header.data_size for t in read.files.values())
+    """Read every file's tensors and check its hash; the model's weights (read.plan set) only hashed."""
+    streamed = WEIGHTS if read.plan is not None else None
+    total = sum(t.header.data_size for t in read.files.values() if t.name != streamed)
     memory = _physical_memory()
     if memory is not None and total > memory:
         raise CheckpointError(
@@ -494,7 +512,10 @@ def _read_data(folder: io.Folder, read: _Read) -> None:
     for t in read.files.values():
         where = folder.path / t.name
         try:
-            t.data, digest = read_data(folder.fs, t.fd, t.header, where)
+            if t.name == streamed:
+                digest = hash_data(folder.fs, t.fd, t.header, where)
+            else:
+                t.data, digest = read_data(folder.fs, t.fd, t.header, where)
         except OSError as exc:
             raise CheckpointError(f"reading {where} failed: {exc}") from None
         _check_hash(read, t.name, None, digest, len(t.header.raw) + t.header.data_size)
@@ -512,14 +533,12 @@ def _read_folder(path: PathLike, model, controller, training_args, check_base: b
         if training_args is not None:
             _plan_training(folder, r, *training_args)
         _read_data(folder, r)
-    if model is not None:
-        state = {k: r.files[WEIGHTS].data[src] for k, src in r.weights.items()}
-        _check_indices(state, r.index_bounds, r.path / WEIGHTS)
-        r.weights = state
-    if controller is not None:
-        data = r.files[CONTROLLER_WEIGHTS].data
-        r.controller = unpack(r.controller, data.__getitem__, "controller")
-        _check_indices(r.controller.get("best_state") or {}, r.index_bounds, r.path / CONTROLLER_WEIGHTS)
+        if controller is not None:
+            data = r.files[CONTROLLER_WEIGHTS].data
+            r.controller = unpack(r.controller, data.__getitem__, "controller")
+            _check_indices(r.controller.get("best_state") or {}, r.index_bounds, r.path / CONTROLLER_WEIGHTS)
+        if model is not None:  # last: nothing after it can fail and leave the descriptor open
+            r.fs, r.weights_fd = folder.fs, os.dup(r.files[WEIGHTS].fd)
     return r
 
 
@@ -647,6 +666,57 @@ def _apply_controller(controller, state: dict, read: _Read, tx: _Transaction, mo
         controller.load_state_dict(state)
 
 
+# The weights handed to load_state_dict at a time: the most a load holds beyond the model and the values it
+# will put back on failure.
+_BATCH_BYTES = 1 << 26
+
+
+def _load_weights(model: nn.Module, r: _Read, tx: _Transaction, existing: set) -> None:
+    """Read the weights file again, a batch of tensors at a time, into ``model``; the values of tensors that
+    existed before the load are kept until the end, to put back (through ``tx``) if anything fails, the file's
+    hash included (it must be the one checked before anything changed)."""
+    t, where = r.files[WEIGHTS], r.path / WEIGHTS
+    keys: Dict[str, List[str]] = {}  # stored key -> model keys (tied weights share one stored tensor)
+    for k, src in r.weights.items():
+        keys.setdefault(src, []).append(k)
+    own = model.state_dict(keep_vars=True)
+    saved: Dict[str, torch.Tensor] = {}
+    tx.add(lambda: model.load_state_dict(saved, strict=False) if saved else None)
+    batch: Dict[str, torch.Tensor] = {}
+    done: set = set()
+
+    kept: set = set()  # ids of the tensors whose values are kept (tied weights once)
+
+    def flush() -> None:
+        _check_indices(batch, r.index_bounds, where)
+        for k, new in batch.items():
+            t = own[k]
+            if id(t) not in existing or id(t) in kept:
+                continue  # created by this load (removed by a rollback), or kept already under another key
+            if not is_sharded(t) and t.shape == new.shape and t.dtype == new.dtype and torch.equal(t.cpu(), new):
+                continue  # the load does not change it
+            saved[k] = t.detach().clone()
+            kept.add(id(t))
+        result = model.load_state_dict(shard_like(batch, own), strict=False)
+        if result.unexpected_keys:  # pragma: no cover - planned
+            raise CheckpointError(f"{r.path}: the model's keys changed while loading.")
+        done.update(batch)
+        batch.clear()
+
+    size, h = 0, hashlib.sha256(t.header.raw)
+    for src, tensor in iter_data(r.fs, r.weights_fd, t.header, where, h):
+        for k in keys.get(src, ()):
+            batch[k] = tensor
+        size += tensor.nbytes
+        if size >= _BATCH_BYTES:
+            flush()
+            size = 0
+    flush()
+    _check_hash(r, WEIGHTS, None, h.hexdigest(), len(t.header.raw) + t.header.data_size)
+    if done != set(r.weights):  # pragma: no cover - planned
+        raise CheckpointError(f"{r.path}: the model's keys changed while loading.")
+
+
 def _failed(read_path: Path, exc: BaseException) -> CheckpointError:
     if isinstance(exc, CheckpointError):
         return exc
@@ -674,7 +744,9 @@ def load(
     before anything is built or changed (sizes from the safetensors headers, every file's hash, the
     controller and training state against the objects they go into); on any mismatch a
     :class:`~torch_dendrites.CheckpointError` names what differs, and the model, controller, optimizer,
-    scheduler, random states and generators are left exactly as they were.
+    scheduler, random states and generators are left exactly as they were. The weights are then read a second
+    time, a batch at a time, into the model (their hash checked again): a load holds the model, the values of
+    the tensors it overwrites (to put them back on failure) and one batch, never a second copy of the file.
 
     An adapter-sized folder (``save(..., base_weights=False)``) holds no base weights: ``model`` must already
     hold them (``from_pretrained``), and their fingerprint must match the saved one (every base byte is hashed,
@@ -716,6 +788,10 @@ def load(
     wanted = optimizer is not None or scheduler is not None or rng or bool(generators)
     targs = (optimizer, scheduler, rng, generators) if wanted else None
     r = io.retrying(lambda: _read_folder(path, model, controller, targs, check_base))
+    # The tensors the model holds before the load: the only ones whose values must be kept for a rollback
+    # (a tensor the load creates, a new dendrite, goes with the rollback of the structure).
+    before = list(model.state_dict(keep_vars=True).values())  # held, so that no new tensor can reuse an id
+    existing = {id(t) for t in before}
     tx = _Transaction(
         [model] + ([controller.model] if isinstance(getattr(controller, "model", None), nn.Module) else [])
     )
@@ -725,16 +801,16 @@ def load(
             _apply_controller(controller, r.controller, r, tx, model)
         if r.training is not None:
             r.training.apply(r.files[TRAINING_WEIGHTS].data, tx.add)
-        # The weights go last: once copied into the model's own parameters there is no going back. An
-        # adapter-sized folder leaves out exactly the base tensors (checked while planning): they keep theirs.
-        result = model.load_state_dict(shard_like(r.weights, model.state_dict()), strict=not r.base)
-        if set(result.missing_keys) != set(r.base) or result.unexpected_keys:  # pragma: no cover - planned
-            raise CheckpointError(f"{r.path}: the model's keys changed while loading.")
+        # The weights go last, read from the file a second time (see the module docstring). An adapter-sized
+        # folder leaves out exactly the base tensors (checked while planning): they keep theirs.
+        _load_weights(model, r, tx, existing)
     except BaseException as exc:
         tx.rollback()
         if isinstance(exc, Exception):
             raise _failed(r.path, exc) from (None if isinstance(exc, CheckpointError) else exc)
         raise
+    finally:
+        r.close()
     return model
 
 

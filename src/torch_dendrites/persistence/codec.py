@@ -37,6 +37,8 @@ __all__ = [
     "dumps",
     "loads",
     "read_header",
+    "hash_data",
+    "iter_data",
     "read_data",
     "safetensors_bytes",
     "TensorFile",
@@ -397,28 +399,61 @@ def read_header(fs, fd: int, where: object) -> Header:
     return Header(entries, meta, bytes(head) + bytes(raw), data_size)
 
 
+def _tensor(buf: bytearray, e: Entry, key: str, where: object) -> torch.Tensor:
+    """The tensor of one header entry over ``buf``, its bytes alone (shared, not copied)."""
+    if e.dtype == torch.bool and torch.frombuffer(buf, dtype=torch.uint8).gt(1).any():
+        raise CheckpointError(f"{where}: the bool tensor {key!r} holds bytes other than 0 and 1.")
+    t = torch.frombuffer(buf, dtype=e.dtype).view(e.shape)
+    if t.data_ptr() % _itemsize(e.dtype):  # pragma: no cover - allocators align far more than any item size
+        t = t.clone()
+    return t
+
+
+def _check_end(fs, fd: int, header: Header, where: object) -> None:
+    if fs.read_at(fd, len(header.raw) + header.data_size, 1):
+        raise CheckpointError(f"{where} changed size while it was read.")
+
+
+def iter_data(fs, fd: int, header: Header, where: object, h: Any) -> Iterator[Tuple[str, torch.Tensor]]:
+    """The tensors of a checked header in file order, read through ``fd`` one at a time, each in storage of its
+    own (a caller that keeps some and drops the others frees what it drops). Every byte read goes into the
+    hash object ``h`` (which the caller started with ``header.raw``); after the last tensor the file must end
+    where the header says."""
+    if sys.byteorder != "little":  # pragma: no cover - safetensors data is little-endian
+        buf = fs.read_at(fd, len(header.raw), header.data_size)
+        h.update(buf)
+        _check_end(fs, fd, header, where)
+        yield from safetensors_load(bytes(header.raw) + bytes(buf)).items()
+        return
+    start = len(header.raw)
+    for key, e in sorted(header.entries.items(), key=lambda kv: kv[1].begin):
+        if e.nbytes == 0:
+            yield key, torch.empty(e.shape, dtype=e.dtype)
+            continue
+        buf = fs.read_at(fd, start + e.begin, e.nbytes)
+        if len(buf) != e.nbytes:
+            raise CheckpointError(f"{where} changed size while it was read.")
+        h.update(buf)
+        yield key, _tensor(buf, e, key, where)
+    _check_end(fs, fd, header, where)
+
+
+def hash_data(fs, fd: int, header: Header, where: object) -> str:
+    """The SHA-256 of a file with a checked header, its data read a bounded chunk at a time and not kept."""
+    h = hashlib.sha256(header.raw)
+    start, chunk = len(header.raw), 1 << 26
+    for offset in range(0, header.data_size, chunk):
+        n = min(chunk, header.data_size - offset)
+        buf = fs.read_at(fd, start + offset, n)
+        if len(buf) != n:
+            raise CheckpointError(f"{where} changed size while it was read.")
+        h.update(buf)
+    _check_end(fs, fd, header, where)
+    return h.hexdigest()
+
+
 def read_data(fs, fd: int, header: Header, where: object) -> Tuple[Dict[str, torch.Tensor], str]:
     """The tensors of a checked header and the SHA-256 of the whole file, read through ``fd``."""
-    start = len(header.raw)
-    buf = fs.read_at(fd, start, header.data_size)
-    if len(buf) != header.data_size or fs.read_at(fd, start + header.data_size, 1):
-        raise CheckpointError(f"{where} changed size while it was read.")
     h = hashlib.sha256(header.raw)
-    h.update(buf)
-    if sys.byteorder != "little":  # pragma: no cover - safetensors data is little-endian
-        return safetensors_load(bytes(header.raw) + bytes(buf)), h.hexdigest()
-    out = {}
-    for key, e in header.entries.items():
-        if e.nbytes == 0:
-            out[key] = torch.empty(e.shape, dtype=e.dtype)
-            continue
-        if (
-            e.dtype == torch.bool
-            and torch.frombuffer(buf, dtype=torch.uint8, count=e.nbytes, offset=e.begin).gt(1).any()
-        ):
-            raise CheckpointError(f"{where}: the bool tensor {key!r} holds bytes other than 0 and 1.")
-        t = torch.frombuffer(buf, dtype=e.dtype, count=e.nbytes // _itemsize(e.dtype), offset=e.begin).view(e.shape)
-        if e.begin % _itemsize(e.dtype):
-            t = t.clone()  # an unaligned view: give it storage of its own
-        out[key] = t
+    out = dict(iter_data(fs, fd, header, where, h))
     return out, h.hexdigest()

@@ -160,13 +160,20 @@ def run_model(name: str, work: Path) -> List[dict]:
 
     target, _, _ = measure(fresh)
     _, s, peak = measure(lambda: td.load(full, target))
-    row("td.load (full)", s, peak, unit, "holds the file's tensors once (checked before the model changes)")
+    row(
+        "td.load (full)",
+        s,
+        peak,
+        unit,
+        "the new set, and the base values it overwrites (kept for a rollback); "
+        "the file is hashed, then read again in 64 MiB batches",
+    )
     target = None  # noqa: F841
     gc.collect()
     # An adapter-sized folder loads into the same pretrained base (here: the same seeded weights).
     target, _, _ = measure(lambda: build_materialised(name))
     _, s, peak = measure(lambda: td.load(adapter, target))
-    row("td.load (adapter-sized)", s, peak, unit, "base weights checked against the saved fingerprint")
+    row("td.load (adapter-sized)", s, peak, unit, "the new set; base weights checked against the saved fingerprint")
     target = None  # noqa: F841
     gc.collect()
     sizes = {p.name: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in (full, adapter)}

@@ -3,7 +3,9 @@
 For each model (the demo's MNIST CNN, and a stack of Linear layers over [batch, tokens, features]) the wrapped model
 with 0, 1, 2 and 3 dendrite sets (and a correlation candidate phase) is timed against the plain model, one variant
 and the plain model at a time, by the one harness (``benchmarks/timing.py``: interleaved rounds, warm-up, pinned
-threads, fresh models per repeat); the table gives the step time relative to plain as the median and interquartile
+threads), each repeat on the CPU in a child process of its own, exactly as ``speed.py`` times its pairs (in one
+long-lived process the same pair measured up to 20 % differently, depending on what that process had run
+before); the table gives the step time relative to plain as the median and interquartile
 range over the repeats, next to the FLOP-ideal ratio (the training step's FLOPs counted by torch.utils.flop_counter,
 relative to plain) and their quotient. With ``--memory`` it also gives each variant's peak memory during a step
 relative to plain (CUDA: ``max_memory_allocated``; CPU: not measured in-process, see ``speed.py``'s peak RSS).
@@ -18,7 +20,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import torch_dendrites as td
 from benchmarks import timing
 from benchmarks.models import MnistNet
+from benchmarks.spawn import child_env, module_command
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -114,23 +119,57 @@ def peak_memory(model, x, y, loss_fn, precision: str) -> float:
     return float(torch.cuda.max_memory_allocated() - before)
 
 
-def bench_model(name, base, x, y, loss_fn, max_k, rounds, steps, repeats=3, precision="fp32", memory=False):
-    device = x.device
-    base = base.to(device)
-    models = variants(base, max_k)
+MAX_K = 3
+
+
+def workload(model: str, device: torch.device):
+    """``(name, base model, x, y, loss)`` of a timed model; the same seeded weights and batch in every process."""
+    torch.manual_seed(0)
+    cnn_x, cnn_y = torch.randn(64, 1, 28, 28, device=device), torch.randint(0, 10, (64,), device=device)
+    tok_x, tok_y = torch.randn(16, 64, 256, device=device), torch.randn(16, 64, 256, device=device)
+    if model == "cnn":
+        return "MNIST CNN (demo, half width)", MnistNet(16, 32, 128).to(device), cnn_x, cnn_y, F.nll_loss
+    return "Linear stack on [16, 64, 256]", TokenStack().to(device), tok_x, tok_y, F.mse_loss
+
+
+def time_pair(model: str, variant: str, precision: str, device: str, rounds: int, steps: int) -> float:
+    """One repeat: ``variant``'s step time over the plain model's, interleaved in this process."""
+    timing.pin_threads()
+    _, base, x, y, loss_fn = workload(model, torch.device(device))
+    models = variants(base, MAX_K)
+    fns = {"plain": make_step(models["plain"], x, y, loss_fn, precision),
+           "variant": make_step(models[variant], x, y, loss_fn, precision)}  # fmt: skip
+    med = timing.interleaved(fns, rounds, steps, device=torch.device(device))
+    return med["variant"] / med["plain"]
+
+
+def _child_ratio(spec: list) -> float:
+    with tempfile.TemporaryDirectory() as work:
+        out = Path(work) / "out.json"
+        cmd = module_command("overhead", "--child", json.dumps(spec), "--child-out", str(out))
+        proc = subprocess.run(cmd, cwd=work, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=child_env())
+        if proc.returncode != 0 or not out.exists():
+            raise RuntimeError(f"overhead child {spec} failed: {(proc.stderr or proc.stdout).strip()[-500:]}")
+        return json.loads(out.read_text())["ratio"]
+
+
+def bench_model(model, rounds, steps, repeats=3, precision="fp32", memory=False, device="cpu", in_process=False):
+    name, base, x, y, loss_fn = workload(model, torch.device(device))
+    models = variants(base, MAX_K)
     flops = {k: step_flops(m, x, y, loss_fn) for k, m in models.items()}
 
-    # Each variant is timed in a pair with the plain model (fresh copies for each repeat), as speed.py does.
+    # Each variant is timed in a pair with the plain model, each repeat in a fresh child process (as speed.py
+    # does); on an accelerator in this process (a child each would pay the CUDA start-up every time).
     spreads = {}
-    for k, m in models.items():
+    for k in models:
         if k == "plain":
             continue
-
-        def make(m=m, k=k):
-            return {"plain": make_step(copy.deepcopy(models["plain"]), x, y, loss_fn, precision),
-                    k: make_step(copy.deepcopy(m), x, y, loss_fn, precision)}  # fmt: skip
-
-        spreads.update(timing.ratios(make, "plain", repeats, rounds, steps, device=device))
+        spec = [model, k, precision, str(device), rounds, steps]
+        if in_process:
+            values = [time_pair(*spec) for _ in range(repeats)]
+        else:
+            values = [_child_ratio(spec) for _ in range(repeats)]
+        spreads[k] = timing.spread(values)
     mem = {k: peak_memory(copy.deepcopy(m), x, y, loss_fn, precision) for k, m in models.items()} if memory else {}
     rows = []
     for k in models:
@@ -176,7 +215,14 @@ def main(argv=None):
     ap.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16, fp16")
     ap.add_argument("--memory", action="store_true", help="also the peak memory of a step (CUDA only)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "overhead.md")
+    ap.add_argument("--in-process", action="store_true", help="time every repeat in this process (the default on "
+                    "an accelerator; on the CPU each repeat runs in a child process)")  # fmt: skip
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.child:
+        Path(args.child_out).write_text(json.dumps({"ratio": time_pair(*json.loads(args.child))}))
+        return 0
     threads = timing.pin_threads()
     rounds, steps, repeats = (3, 2, 2) if args.quick else (args.rounds, args.steps, args.repeats)
     device = torch.device(args.device)
@@ -184,21 +230,18 @@ def main(argv=None):
     for p in precisions:
         if p not in PRECISIONS:
             ap.error(f"--precision {p!r}: choose from {sorted(PRECISIONS)}")
-    torch.manual_seed(0)
+    in_process = args.in_process or device.type != "cpu"
     rows = []
-    cnn_x, cnn_y = torch.randn(64, 1, 28, 28, device=device), torch.randint(0, 10, (64,), device=device)
-    tok_x, tok_y = torch.randn(16, 64, 256, device=device), torch.randn(16, 64, 256, device=device)
     for precision in precisions:
-        rows += bench_model("MNIST CNN (demo, half width)", MnistNet(16, 32, 128), cnn_x, cnn_y, F.nll_loss, 3,
-                            rounds, steps, repeats, precision, args.memory)  # fmt: skip
-        rows += bench_model("Linear stack on [16, 64, 256]", TokenStack(), tok_x, tok_y, F.mse_loss, 3, rounds,
-                            steps, repeats, precision, args.memory)  # fmt: skip
+        for model in ("cnn", "tokens"):
+            rows += bench_model(model, rounds, steps, repeats, precision, args.memory, device, in_process)
     ctl = bench_controller(8 if args.quick else 60)
     where = f"{device.type}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
     lines = [
         f"torch {torch.__version__}, {where}, {threads} thread(s); step time / plain: median (interquartile range) "
-        f"over {repeats} repeats, each the median of {rounds} interleaved rounds of {steps} steps "
-        "(`benchmarks/timing.py`). Generated by `python -m benchmarks.overhead`.",
+        f"over {repeats} repeats ({'in one process' if in_process else 'each in a child process of its own'}), "
+        f"each the median of {rounds} interleaved rounds of {steps} steps (`benchmarks/timing.py`). Generated by "
+        "`python -m benchmarks.overhead`.",
         "",
         "| model | variant | precision | step time / plain | FLOP-ideal ratio | time / ideal | peak memory / plain "
         "| goal |",

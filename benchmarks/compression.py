@@ -32,14 +32,40 @@ from typing import Dict, List
 
 import torch
 
+import torch_dendrites as td
 from benchmarks import run_arm, stats
 from benchmarks.experiment import RunLog, search_lr
-from benchmarks.tasks import TASKS
+from benchmarks.tasks import ROOT, TASKS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WIDTHS = (0.25, 0.5)  # the narrow bases of the compression experiment
 SWEEP = (0.125, 0.25, 0.5, 1.0, 2.0)  # the plain model's width sweep (automatic sizing)
 GROW_FROM = 0.125  # the base the sizing experiment grows from
+# Per-task budgets that make the whole experiment (about 60 runs) CPU-sized: at most 30 minutes on 2 cores.
+# MNIST at the benchmark's own 10k images x 20 epochs would take about 8 hours; a smaller sample per run keeps
+# every arm and control instead of dropping some.
+BUDGETS = {
+    "mnist": {"train_size": 3_000, "val_size": 2_000, "epochs": 10, "patience": 2},
+}
+
+
+def budgeted(task, **override):
+    """``task`` at its compression budget (:data:`BUDGETS`, fields replaced by ``override``), or unchanged."""
+    b = BUDGETS.get(task.name)
+    if b is None:
+        return dataclasses.replace(task, **override) if override else task
+    b = {**b, **override}
+
+    def data(seed: int, quick: bool, _b=b):
+        if quick:
+            return task.data(seed, quick)
+        return td.datasets.load_mnist(ROOT / "data", train_size=_b["train_size"], val_size=_b["val_size"], seed=seed)
+
+    note = (
+        f"{task.note.split(' on ')[0]} on {b['train_size'] // 1000}k train / {b['val_size'] // 1000}k val (seeded) / "
+        f"10k test, at most {b['epochs']} epochs (the compression budget: see BUDGETS in benchmarks/compression.py)"
+    )
+    return dataclasses.replace(task, data=data, epochs=b["epochs"], patience=b["patience"], note=note)
 
 
 def _at(task, width: float, lr: float):
@@ -62,9 +88,10 @@ def grid_around(lr: float) -> List[float]:
     return list(LADDER[max(0, i - 1) : i + 2])
 
 
-def experiment(name: str, seeds: int, out: Path, resume: bool = True) -> str:
-    task = TASKS[name]
-    log = RunLog(out.with_suffix(".json"), resume, {"task": name, "seeds": seeds, "widths": WIDTHS, "sweep": SWEEP})
+def experiment(name: str, seeds: int, out: Path, resume: bool = True, **override) -> str:
+    task = budgeted(TASKS[name], **override)
+    log = RunLog(out.with_suffix(".json"), resume, {"task": name, "seeds": seeds, "widths": WIDTHS, "sweep": SWEEP,
+                                                     "budget": {**BUDGETS.get(name, {}), **override}})  # fmt: skip
     data = {s: task.data(s, False) for s in range(seeds)}
     grid = grid_around(task.lr)
     lrs: Dict[str, float] = {}
@@ -192,11 +219,14 @@ def main(argv=None) -> int:
     ap.add_argument("task", choices=sorted(TASKS))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--epochs", type=int, default=None, help="epoch budget per run (default: the task's budget)")
+    ap.add_argument("--patience", type=int, default=None, help="patience (default: the task's budget)")
     ap.add_argument("--fresh", action="store_true", help="ignore runs logged by an earlier, unfinished call")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, int(os.environ.get("BENCH_THREADS", "1"))))
     out = args.out or RESULTS / f"compression_{args.task}.md"
-    print(experiment(args.task, args.seeds, out, resume=not args.fresh))
+    override = {k: v for k, v in (("epochs", args.epochs), ("patience", args.patience)) if v is not None}
+    print(experiment(args.task, args.seeds, out, resume=not args.fresh, **override))
     return 0
 
 

@@ -89,3 +89,19 @@ def test_quick_benchmark_runs_every_arm(tmp_path, task):
     want = COMMON | ({"minilm-finetune"} if task == "imdb" else set())
     arms = _check_table(tmp_path / "out", task, want)
     assert set(arms) == want, task
+
+
+def test_compression_budget_keeps_every_arm_and_shrinks_the_sample():
+    """The MNIST compression experiment runs at its CPU-sized budget (smaller samples and fewer epochs, every
+    arm and control kept); an override changes only the fields it names; other tasks keep their own budget."""
+    from benchmarks.compression import BUDGETS, budgeted
+    from benchmarks.tasks import TASKS
+
+    mnist = budgeted(TASKS["mnist"])
+    assert (mnist.epochs, mnist.patience) == (BUDGETS["mnist"]["epochs"], BUDGETS["mnist"]["patience"])
+    assert mnist.build is TASKS["mnist"].build and mnist.lr == TASKS["mnist"].lr
+    assert "3k train / 2k val" in mnist.note and mnist.data(0, True)[0][0].shape[1:] == (1, 28, 28)
+    longer = budgeted(TASKS["mnist"], epochs=20, patience=3)
+    assert (longer.epochs, longer.patience) == (20, 3) and "at most 20 epochs" in longer.note
+    assert budgeted(TASKS["imdb"]) is TASKS["imdb"]
+    assert budgeted(TASKS["imdb"], epochs=5).epochs == 5

@@ -105,3 +105,23 @@ def test_compression_budget_keeps_every_arm_and_shrinks_the_sample():
     assert (longer.epochs, longer.patience) == (20, 3) and "at most 20 epochs" in longer.note
     assert budgeted(TASKS["imdb"]) is TASKS["imdb"]
     assert budgeted(TASKS["imdb"], epochs=5).epochs == 5
+
+
+def test_compression_widens_the_narrow_base_within_its_own_family():
+    """The parameter-matched control of a narrow base keeps that base's convolutions and widens its hidden layer:
+    at the narrow base's own parameter count it is the narrow base."""
+    from benchmarks.compression import _at
+    from benchmarks.models import n_params
+    from benchmarks.run_arm import width_for
+    from benchmarks.tasks import TASKS
+
+    for w in (0.25, 0.5):
+        task = _at(TASKS["mnist"], w, 1e-3)
+        narrow = task.build(1.0)
+        same = task.wide(width_for(task, n_params(narrow)))
+        assert [tuple(p.shape) for p in same.parameters()] == [tuple(p.shape) for p in narrow.parameters()]
+        wider = task.wide(width_for(task, 2 * n_params(narrow)))
+        assert (
+            wider.conv2.out_channels == narrow.conv2.out_channels and wider.fc1.out_features > narrow.fc1.out_features
+        )
+    assert _at(TASKS["imdb"], 0.25, 1e-3).wide is TASKS["imdb"].wide

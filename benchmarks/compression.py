@@ -98,7 +98,7 @@ def grid_around(lr: float) -> List[float]:
     return list(LADDER[max(0, i - 1) : i + 2])
 
 
-def experiment(name: str, seeds: int, out: Path, resume: bool = True, **override) -> str:
+def experiment(name: str, seeds: int, out: Path, resume: bool = True, sizing: bool = True, **override) -> str:
     task = budgeted(TASKS[name], **override)
     log = RunLog(out.with_suffix(".json"), resume, {"task": name, "seeds": seeds, "widths": WIDTHS, "sweep": SWEEP,
                                                      "budget": {**BUDGETS.get(name, {}), **override}})  # fmt: skip
@@ -146,13 +146,13 @@ def experiment(name: str, seeds: int, out: Path, resume: bool = True, **override
     # growth from the narrowest base at the task's rate too.
     lrs.update({f"sweep {w:g}": task.lr for w in SWEEP})
     lrs[f"grow from {GROW_FROM:g}"] = task.lr
-    sizing = []
-    for seed in range(seeds):
+    sized = []
+    for seed in range(seeds if sizing else 0):
         sweep = [final(f"sweep {w:g}", "baseline", w, seed) for w in SWEEP]
         chosen = max(sweep, key=lambda r: r["best_val"])
         grown = final(f"grow from {GROW_FROM:g}", "gd", GROW_FROM, seed)
-        sizing.append((sweep, chosen, grown))
-    return _table(name, task, seeds, lrs, rows, sizing, out)
+        sized.append((sweep, chosen, grown))
+    return _table(name, task, seeds, lrs, rows, sized, out)
 
 
 def _table(name, task, seeds, lrs, rows, sizing, out: Path) -> str:
@@ -191,6 +191,11 @@ def _table(name, task, seeds, lrs, rows, sizing, out: Path) -> str:
             f"- {c.sentence(f'narrow {w:g} widened', 'full')}, at "
             f"{statistics.fmean(r['params'] for r in rows[f'narrow {w:g} widened']) / full_params:.2f}x its parameters."
         )
+    if not sizing:
+        lines += ["", "(Automatic sizing not run: `--no-sizing`.)", ""]
+        text = "\n".join(lines)
+        out.write_text(text)
+        return text
     lines += [
         "",
         "## Automatic sizing",
@@ -231,12 +236,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--epochs", type=int, default=None, help="epoch budget per run (default: the task's budget)")
     ap.add_argument("--patience", type=int, default=None, help="patience (default: the task's budget)")
+    ap.add_argument("--no-sizing", action="store_true", help="the compression experiment only")
     ap.add_argument("--fresh", action="store_true", help="ignore runs logged by an earlier, unfinished call")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, int(os.environ.get("BENCH_THREADS", "1"))))
     out = args.out or RESULTS / f"compression_{args.task}.md"
     override = {k: v for k, v in (("epochs", args.epochs), ("patience", args.patience)) if v is not None}
-    print(experiment(args.task, args.seeds, out, resume=not args.fresh, **override))
+    print(experiment(args.task, args.seeds, out, resume=not args.fresh, sizing=not args.no_sizing, **override))
     return 0
 
 

@@ -177,7 +177,7 @@ def test_truncate_drops_newest():
 @pytest.mark.parametrize("shape,p", [((4, 3, 5), 1), ((2, 4, 3, 5), 2), ((2, 3, 5, 4, 4), 1), ((1, 5), 0)])
 def test_cascade_backward_passes_gradcheck(activation, shape, p):
     """The hand-written cascade backward against finite differences (float64)."""
-    from torch_dendrites.dendrites.cascade import _Cascade
+    from torch_dendrites.dendrites.kernel import _Cascade
 
     torch.manual_seed(0)
     k, c = shape[p], shape[p + 1]

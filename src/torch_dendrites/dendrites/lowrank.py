@@ -47,7 +47,8 @@ from torch import nn
 
 from ..errors import StateError
 from .base import INIT_SCALE, DendriteStack, uniform
-from .cascade import _Cascade, _cascade_reference, cascade_init
+from .cascade import cascade_init
+from .kernel import _Cascade, _cascade_reference
 from .options import DendriteOptions, check_int
 
 __all__ = ["LowRankDendrite", "LowRankDendrites", "LowRankOptions", "apply_cascade"]

@@ -36,6 +36,7 @@ import torch_dendrites as td
 from benchmarks import timing
 from benchmarks.models import MnistNet
 from benchmarks.spawn import child_env, module_command
+from torch_dendrites.dendrites.kernel import AUTO_MIN_DENDRITES, AUTO_MIN_ELEMENTS, KERNELS, compiled_available
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -80,10 +81,11 @@ def step_flops(model, x, y, loss_fn) -> int:
     return counter.get_total_flops()
 
 
-def variants(base: nn.Module, max_k: int):
+def variants(base: nn.Module, max_k: int, kernel: str = "auto"):
     out = {"plain": copy.deepcopy(base)}
+    cfg = td.DendriteConfig(dendrite_options={"kernel": kernel})
     for k in range(max_k + 1):
-        m = td.add_dendrites(copy.deepcopy(base))
+        m = td.add_dendrites(copy.deepcopy(base), cfg)
         g = torch.Generator().manual_seed(k)
         for _ in range(k):
             td.grow(m, g)
@@ -132,11 +134,14 @@ def workload(model: str, device: torch.device):
     return "Linear stack on [16, 64, 256]", TokenStack().to(device), tok_x, tok_y, F.mse_loss
 
 
-def time_pair(model: str, variant: str, precision: str, device: str, rounds: int, steps: int) -> float:
-    """One repeat: ``variant``'s step time over the plain model's, interleaved in this process."""
+def time_pair(
+    model: str, variant: str, precision: str, device: str, rounds: int, steps: int, kernel: str = "auto"
+) -> float:
+    """One repeat: ``variant``'s step time over the plain model's, interleaved in this process (the warm-up
+    steps include compiling the cascade kernel where ``kernel`` chooses the compiled one)."""
     timing.pin_threads()
     _, base, x, y, loss_fn = workload(model, torch.device(device))
-    models = variants(base, MAX_K)
+    models = variants(base, MAX_K, kernel)
     fns = {"plain": make_step(models["plain"], x, y, loss_fn, precision),
            "variant": make_step(models[variant], x, y, loss_fn, precision)}  # fmt: skip
     med = timing.interleaved(fns, rounds, steps, device=torch.device(device))
@@ -162,10 +167,19 @@ def _child_ratio(spec: list, allocator: str = "default") -> float:
 
 
 def bench_model(
-    model, rounds, steps, repeats=3, precision="fp32", memory=False, device="cpu", in_process=False, allocator="default"
+    model,
+    rounds,
+    steps,
+    repeats=3,
+    precision="fp32",
+    memory=False,
+    device="cpu",
+    in_process=False,
+    allocator="default",
+    kernel="auto",
 ):
     name, base, x, y, loss_fn = workload(model, torch.device(device))
-    models = variants(base, MAX_K)
+    models = variants(base, MAX_K, kernel)
     flops = {k: step_flops(m, x, y, loss_fn) for k, m in models.items()}
 
     # Each variant is timed in a pair with the plain model, each repeat in a fresh child process (as speed.py
@@ -174,7 +188,7 @@ def bench_model(
     for k in models:
         if k == "plain":
             continue
-        spec = [model, k, precision, str(device), rounds, steps]
+        spec = [model, k, precision, str(device), rounds, steps, kernel]
         if in_process:
             values = [time_pair(*spec) for _ in range(repeats)]
         else:
@@ -189,6 +203,14 @@ def bench_model(
         mem_ratio = mem[k] / mem["plain"] if memory and mem["plain"] > 0 else float("nan")
         rows.append((name, k, precision, spreads[k], ideal, spreads[k].median / ideal, mem_ratio))
     return rows
+
+
+def _kernel_note(kernel: str, device: torch.device) -> str:
+    if kernel == "eager" or not compiled_available(device.type):
+        return "eager everywhere"
+    if kernel == "compiled":
+        return "compiled everywhere"
+    return f"compiled at >= {AUTO_MIN_DENDRITES} dendrites and >= {AUTO_MIN_ELEMENTS} pre-activations, else eager"
 
 
 def bench_controller(rounds: int):
@@ -230,6 +252,8 @@ def main(argv=None):
     ap.add_argument("--allocator", choices=["default", "fixed"], default="default", help="child processes' glibc "
                     "allocator: as a process starts (default), or with its mmap and trim thresholds pinned high "
                     "(fixed: the steady state of a long run, no page faults for large temporaries)")  # fmt: skip
+    ap.add_argument("--kernel", choices=list(KERNELS), default="auto", help="the cascade kernel "
+                    "(dendrite_options={'kernel': ...}; see torch_dendrites.dendrites.kernel)")  # fmt: skip
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -248,7 +272,7 @@ def main(argv=None):
     for precision in precisions:
         for model in ("cnn", "tokens"):
             rows += bench_model(
-                model, rounds, steps, repeats, precision, args.memory, device, in_process, args.allocator
+                model, rounds, steps, repeats, precision, args.memory, device, in_process, args.allocator, args.kernel
             )
     ctl = bench_controller(8 if args.quick else 60)
     where = f"{device.type}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
@@ -256,6 +280,7 @@ def main(argv=None):
         f"torch {torch.__version__}, {where}, {threads} thread(s); step time / plain: median (interquartile range) "
         f"over {repeats} repeats ({'in one process' if in_process else 'each in a child process of its own'}"
         f"{', glibc allocator thresholds pinned: ' + str(FIXED_ALLOCATOR) if args.allocator == 'fixed' else ''}), "
+        f"cascade kernel {args.kernel!r} ({_kernel_note(args.kernel, device)}), "
         f"each the median of {rounds} interleaved rounds of {steps} steps (`benchmarks/timing.py`). Generated by "
         "`python -m benchmarks.overhead`.",
         "",

@@ -10,8 +10,9 @@ per-channel loop over the (few) dendrites.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -19,9 +20,10 @@ from torch import nn
 from ..correlation import CorrelationStats, candidate_tap
 from ..errors import StateError
 from .base import INIT_SCALE, DendriteStack, uniform
-from .kernel import _Cascade, _cascade_reference, _tracing
+from .kernel import KERNELS, CascadeKernel, _cascade_reference, _tracing
+from .options import DendriteOptions, check_choice
 
-__all__ = ["CascadeDendrites", "Dendrite"]
+__all__ = ["CascadeDendrites", "CascadeOptions", "Dendrite"]
 
 
 def cascade_init(
@@ -55,6 +57,18 @@ class Dendrite(nn.Module):
             self.cascade_gain = None
 
 
+@dataclasses.dataclass(frozen=True)
+class CascadeOptions(DendriteOptions):
+    """Options of ``dendrite_type="cascade"``: ``kernel``, which implementation runs the cascade's elementwise
+    passes (``"auto"``, ``"eager"`` or ``"compiled"``; see :mod:`torch_dendrites.dendrites.kernel`)."""
+
+    type_name: ClassVar[str] = "cascade"
+    kernel: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_choice(self.type_name, "kernel", self.kernel, KERNELS)
+
+
 class CascadeDendrites(DendriteStack):
     """The dendrite stack of one wrapped layer (``dendrite_type="cascade"``).
 
@@ -66,11 +80,15 @@ class CascadeDendrites(DendriteStack):
     """
 
     type_name = "cascade"
+    options_class = CascadeOptions
     # Dendrites run through the layer spec's batched_forward (a new spec is tried once, see LayerSpec.trusted).
     uses_layer_spec = True
 
-    def __init__(self, base: nn.Module, spec, activation: str = "sigmoid", init_scale: float = INIT_SCALE):
-        super().__init__(base, spec, activation=activation, init_scale=init_scale)
+    def __init__(
+        self, base: nn.Module, spec, activation: str = "sigmoid", init_scale: float = INIT_SCALE, **options: Any
+    ):
+        super().__init__(base, spec, activation=activation, init_scale=init_scale, **options)
+        self.kernel = CascadeKernel(self.options.kernel)
         self.param_names = spec.param_names(base)
         # The correlation.CandidateHolder protocol: filled during a candidate phase, empty otherwise.
         self.candidates = nn.ModuleList()
@@ -160,9 +178,9 @@ class CascadeDendrites(DendriteStack):
                 # slices do not trace, and a Python autograd Function has no ONNX symbolic.
                 out, s = _cascade_reference(a.unflatten(p, (k, c)), y, v, p, self.activation, u)
             elif len(self.candidates):
-                out, s = _Cascade.apply(a.unflatten(p, (k, c)), y, v, p, self.activation, True, *u)
+                out, s = self.kernel(a.unflatten(p, (k, c)), y, v, p, self.activation, True, u)
             else:  # s only feeds candidates: not returning it saves autograd work on every step
-                out = _Cascade.apply(a.unflatten(p, (k, c)), y, v, p, self.activation, False, *u)
+                out = self.kernel(a.unflatten(p, (k, c)), y, v, p, self.activation, False, u)
         if len(self.candidates) and self.training and torch.is_grad_enabled():
             out = candidate_tap(self, out, s, p, args, kwargs)
         return out

@@ -1,14 +1,45 @@
 """The cascade's kernels: the elementwise passes that turn the dendrites' pre-activations into the layer output.
 
-:class:`_Cascade` is the eager kernel (an autograd Function with a hand-written backward);
-:func:`_cascade_reference` is the same math in plain differentiable ops, which traced code runs.
+The cascade of :mod:`.cascade` costs, besides the dendrites' batched matmul or convolution, a few passes over
+activation-sized tensors per dendrite pair: ``k (k + 1) / 2`` products in the forward, as many in the
+backward, and the gain reductions. The eager kernel (:class:`_Cascade`, a hand-written autograd
+Function) runs each pass as its own op. The compiled kernel is the same math (:func:`_cascade_reference`, the
+plain differentiable ops that traced code runs) under
+``torch.compile``: inductor fuses the forward into one pass over the pre-activations and the backward into one
+pass plus the gain reductions (C++/OpenMP on the CPU, Triton on CUDA).
+
+``dendrite_options={"kernel": ...}`` of the ``cascade`` and ``lowrank`` types chooses:
+
+- ``"eager"``: always the eager kernel;
+- ``"compiled"``: the compiled kernel wherever ``torch.compile`` can build it (a C++ compiler on the CPU,
+  Triton on CUDA), the eager one elsewhere (with a warning);
+- ``"auto"`` (the default): the compiled kernel where it is available and measured faster
+  (``benchmarks/results/kernel.md``): at ``k >= AUTO_MIN_DENDRITES`` dendrites and at least
+  ``AUTO_MIN_ELEMENTS`` pre-activation elements per call; small layers, where compiling (seconds, once per
+  dendrite count) would cost more than it saves, stay eager.
+
+The two kernels agree to float rounding, not bit for bit (fused multiply-adds), so a layer's output can move
+by an ulp when ``"auto"`` switches kernels as it grows. A model that is itself compiled (``torch.compile(model)``)
+or exported traces the plain ops of ``_cascade_reference`` whatever the option says.
+
+Example:
+    >>> import torch_dendrites as td
+    >>> td.DendriteConfig(dendrite_options={"kernel": "eager"}).dendrite_options
+    {'kernel': 'eager'}
 """
 
 from __future__ import annotations
 
+import functools
+import math
+import warnings
+from typing import Callable, Optional, Sequence
+
 import torch
 
 from .base import ACTIVATIONS
+
+__all__ = ["AUTO_MIN_DENDRITES", "AUTO_MIN_ELEMENTS", "KERNELS", "CascadeKernel", "compiled_available"]
 
 _ACTIVATION_GRADS = {
     "sigmoid": torch.ops.aten.sigmoid_backward.grad_input,
@@ -102,3 +133,98 @@ class _Cascade(torch.autograd.Function):
             prod = torch.mul(grad_a.select(p, i).unsqueeze(p), s.narrow(p, 0, i), out=scratch.narrow(p, 0, i))
             grad_u.append(_gain_sum(prod, p))  # [i, C]
         return (grad_a, g, grad_v, None, None, None, *grad_u)
+
+
+KERNELS = ("auto", "eager", "compiled")
+# Measured (benchmarks/kernel.py, one CPU thread): the compiled kernel wins from two dendrites on layers of a
+# few hundred thousand activations; with one dendrite the eager kernel has two passes to fuse and no more.
+AUTO_MIN_DENDRITES = 2
+AUTO_MIN_ELEMENTS = 1 << 18
+
+
+@functools.cache
+def compiled_available(device_type: str) -> bool:
+    """Whether ``torch.compile`` can build the fused cascade for tensors on ``device_type`` here."""
+    try:
+        import torch._dynamo
+
+        if not torch._dynamo.is_dynamo_supported():
+            return False
+        if device_type == "cuda":
+            from torch.utils._triton import has_triton
+
+            return bool(has_triton())
+        if device_type == "cpu":
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            return bool(get_cpp_compiler())
+    except Exception:  # noqa: BLE001 - no compiler, no Triton, an unsupported platform: all mean "eager"
+        return False
+    return False
+
+
+@functools.cache
+def _compiled(k: int, activation: str, return_s: bool) -> Callable:
+    """The compiled cascade for ``k`` dendrites on canonical shapes (``a``: ``[N, k, C, R]``, ``y``: ``[N, C, R]``).
+
+    Built once per process and key, shared by every layer (shapes are dynamic, so layers of any size reuse
+    it)."""
+
+    def fused(a, y, v, *u):
+        out, s = _cascade_reference(a, y, v, 1, activation, list(u))
+        return (out, s) if return_s else out
+
+    # Dynamo keeps compiled graphs, and its limit on recompiles, per code object: one code object per key, so
+    # that growing past a few dendrite counts never falls back to uncompiled ops.
+    fused.__code__ = fused.__code__.replace(co_name=f"fused_cascade_k{k}_{activation}_{int(return_s)}")
+    return torch.compile(fused, dynamic=True)
+
+
+class CascadeKernel:
+    """Runs the cascade of one dendrite stack with the kernel its ``kernel`` option names.
+
+    Args:
+        choice: ``"auto"``, ``"eager"`` or ``"compiled"`` (see the module docstring).
+    """
+
+    def __init__(self, choice: str = "auto"):
+        self.choice = choice
+        self.failed: Optional[str] = None  # why the compiled kernel could not run here (then: eager for good)
+
+    def use_compiled(self, a: torch.Tensor, k: int) -> bool:
+        if self.choice == "eager" or self.failed is not None:
+            return False
+        if not compiled_available(a.device.type):
+            if self.choice == "compiled":
+                self._fall_back(f"torch.compile cannot build kernels for {a.device.type} tensors here")
+            return False
+        return self.choice == "compiled" or (k >= AUTO_MIN_DENDRITES and a.numel() >= AUTO_MIN_ELEMENTS)
+
+    def _fall_back(self, why: str) -> None:
+        self.failed = why
+        warnings.warn(
+            f"torch-dendrites: the compiled cascade kernel is not used ({why}); the eager kernel runs instead "
+            "(same results, slower). Pass dendrite_options={'kernel': 'eager'} to silence this.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+    def __call__(self, a, y, v, p: int, activation: str, return_s: bool, u: Sequence[torch.Tensor]):
+        """The layer output (and the dendrite activations ``s`` if ``return_s``); ``a``: ``[..., k, C, ...]``
+        with the dendrite axis at ``p``; ``v``: ``[k, C]``; ``u[i - 1]``: ``[i, C]``."""
+        k = a.shape[p]
+        if self.use_compiled(a, k):
+            c, r = a.shape[p + 1], math.prod(a.shape[p + 2 :])
+            # Canonical [N, k, C, R]: one compiled graph serves every layout (Linear, convolutions, tokens).
+            a3 = a.reshape(-1, k, c, r)
+            y3 = y.reshape(a3.shape[0], c, r)
+            try:
+                res = _compiled(k, activation, return_s)(a3, y3, v, *u)
+            except Exception as exc:  # noqa: BLE001 - a compiler failure must not stop training: run eager
+                self._fall_back(f"{type(exc).__name__}: {str(exc)[:200]}")
+            else:
+                if return_s:
+                    out, s = res
+                    return out.reshape(y.shape), s.reshape(a.shape)
+                return res.reshape(y.shape)
+        return _Cascade.apply(a, y, v, p, activation, return_s, *u)

@@ -48,15 +48,18 @@ from torch import nn
 from ..errors import StateError
 from .base import INIT_SCALE, DendriteStack, uniform
 from .cascade import cascade_init
-from .kernel import _Cascade, _cascade_reference
-from .options import DendriteOptions, check_int
+from .kernel import KERNELS, CascadeKernel, _Cascade, _cascade_reference
+from .options import DendriteOptions, check_choice, check_int
 
 __all__ = ["LowRankDendrite", "LowRankDendrites", "LowRankOptions", "apply_cascade"]
 
 
-def apply_cascade(a: torch.Tensor, y: torch.Tensor, units, p: int, activation: str) -> torch.Tensor:
+def apply_cascade(
+    a: torch.Tensor, y: torch.Tensor, units, p: int, activation: str, kernel: Optional[CascadeKernel] = None
+) -> torch.Tensor:
     """Run the cascade of :mod:`.cascade` on pre-activations ``a`` (``[..., k, C, ...]``, dendrite axis
-    ``p``) with the units' ``out_gain`` and ``cascade_gain`` parameters; returns the layer output."""
+    ``p``) with the units' ``out_gain`` and ``cascade_gain`` parameters and ``kernel`` (default: the eager
+    one); returns the layer output."""
     dt = y.dtype
     a = a.to(dt)
     v = torch.stack([d.out_gain for d in units]).to(dt)  # [k, C]
@@ -64,7 +67,9 @@ def apply_cascade(a: torch.Tensor, y: torch.Tensor, units, p: int, activation: s
     if torch.compiler.is_compiling():
         # As in the cascade type: traced code gets plain ops (the fused backward's out= writes do not trace).
         return _cascade_reference(a, y, v, p, activation, u)[0]
-    return _Cascade.apply(a, y, v, p, activation, False, *u)
+    if kernel is None:
+        return _Cascade.apply(a, y, v, p, activation, False, *u)
+    return kernel(a, y, v, p, activation, False, u)
 
 
 class LowRankDendrite(nn.Module):
@@ -88,13 +93,16 @@ class LowRankDendrite(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class LowRankOptions(DendriteOptions):
-    """Options of ``dendrite_type="lowrank"``: ``rank``, the rank ``r`` of each dendrite's input map ``B A``."""
+    """Options of ``dendrite_type="lowrank"``: ``rank``, the rank ``r`` of each dendrite's input map ``B A``;
+    ``kernel``, as the cascade type's (see :mod:`torch_dendrites.dendrites.kernel`)."""
 
     type_name: ClassVar[str] = "lowrank"
     rank: int = 4
+    kernel: str = "auto"
 
     def __post_init__(self) -> None:
         check_int(self.type_name, "rank", self.rank, 1)
+        check_choice(self.type_name, "kernel", self.kernel, KERNELS)
 
 
 class LowRankDendrites(DendriteStack):
@@ -107,6 +115,7 @@ class LowRankDendrites(DendriteStack):
         super().__init__(base, spec, activation=activation, init_scale=init_scale, **options)
         self.fan_in_shape, self.groups = self._layer_algebra()  # refuses layers without the algebra
         self.rank = self.options.rank
+        self.kernel = CascadeKernel(self.options.kernel)
 
     def new_unit(self, generator: Optional[torch.Generator] = None, index: Optional[int] = None) -> nn.Module:
         like = self._like()
@@ -146,7 +155,7 @@ class LowRankDendrites(DendriteStack):
                 f"the low-rank dendrites produced {a.shape[p]} channels on axis {p} for {k} dendrites of {c} "
                 "neurons; the layer's neuron axis does not match its input layout."
             )
-        return apply_cascade(a.unflatten(p, (k, c)), y, units, p, self.activation)
+        return apply_cascade(a.unflatten(p, (k, c)), y, units, p, self.activation, self.kernel)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, activation={self.activation!r}"

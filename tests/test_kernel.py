@@ -1,0 +1,148 @@
+"""The cascade kernel option: the compiled kernel computes what the eager one does, ``"auto"`` chooses by size,
+a compiler that fails falls back to eager with one warning, and the option survives save/load."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import torch_dendrites as td
+from torch_dendrites.dendrites import kernel as kernel_mod
+from torch_dendrites.dendrites.kernel import AUTO_MIN_DENDRITES, AUTO_MIN_ELEMENTS, CascadeKernel, compiled_available
+
+needs_compiler = pytest.mark.skipif(not compiled_available("cpu"), reason="torch.compile has no C++ compiler here")
+
+
+def _grown(module: nn.Module, k: int, kernel: str, dendrite_type: str = "cascade", seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    cfg = td.DendriteConfig(dendrite_type=dendrite_type, dendrite_options={"kernel": kernel})
+    model = td.add_dendrites(module, cfg)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(k):
+        td.grow(model, g)
+    with torch.no_grad():  # non-zero output gains, as after training
+        for layer in td.dendritic_layers(model).values():
+            for u in layer.dendrites.units:
+                u.out_gain.normal_(0, 0.5, generator=g)
+    return model
+
+
+def _with_kernel(model: nn.Module, choice: str) -> nn.Module:
+    other = copy.deepcopy(model)
+    for layer in td.dendritic_layers(other).values():
+        layer.dendrites.kernel = CascadeKernel(choice)
+    return other
+
+
+def _compiled_calls() -> int:
+    info = kernel_mod._compiled.cache_info()
+    return info.hits + info.misses
+
+
+def _step(model: nn.Module, x: torch.Tensor):
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    (out.square().mean() + out.mean()).backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_step(a: nn.Module, b: nn.Module, x: torch.Tensor, exact: bool = False) -> None:
+    out_a, grads_a = _step(a, x)
+    calls = None if exact else _compiled_calls()
+    out_b, grads_b = _step(b, x)
+    if not exact:  # b is meant to run the compiled kernel: check that it did
+        assert _compiled_calls() > calls
+        assert all(layer.dendrites.kernel.failed is None for layer in td.dendritic_layers(b).values())
+    check = torch.equal if exact else (lambda s, t: torch.allclose(s, t, rtol=1e-5, atol=1e-6))
+    assert check(out_a, out_b), (out_a - out_b).abs().max()
+    assert grads_a.keys() == grads_b.keys()
+    for n in grads_a:
+        assert check(grads_a[n], grads_b[n]), (n, (grads_a[n] - grads_b[n]).abs().max())
+
+
+def test_auto_chooses_by_dendrites_and_size():
+    k = CascadeKernel("auto")
+    small = torch.zeros(4, AUTO_MIN_DENDRITES, 3)
+    big = torch.zeros(AUTO_MIN_ELEMENTS // AUTO_MIN_DENDRITES, AUTO_MIN_DENDRITES, 1)
+    assert not k.use_compiled(small, AUTO_MIN_DENDRITES)
+    assert not k.use_compiled(big, 1)  # one dendrite: nothing for a compiler to fuse
+    assert k.use_compiled(big, AUTO_MIN_DENDRITES) == compiled_available("cpu")
+    assert not CascadeKernel("eager").use_compiled(big, 8)
+    assert not k.use_compiled(big.to("meta"), AUTO_MIN_DENDRITES)  # no compiled kernels for meta tensors
+
+
+def test_default_kernel_is_auto_and_the_option_survives_save_and_load(tmp_path):
+    model = _grown(nn.Sequential(nn.Linear(6, 4)), 1, "eager")
+    assert td.add_dendrites(nn.Sequential(nn.Linear(6, 4)))[0].dendrites.kernel.choice == "auto"
+    folder = td.save(tmp_path / "m", model)
+    fresh = td.load(folder, nn.Sequential(nn.Linear(6, 4)))
+    assert fresh[0].dendrites.kernel.choice == "eager"
+    assert fresh[0].dendrites.options.kernel == "eager"
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_one_warning(monkeypatch):
+    eager = _grown(nn.Sequential(nn.Linear(5, 3)), 2, "eager")
+    forced = _with_kernel(eager, "compiled")
+
+    def broken(*key):
+        raise RuntimeError("no compiler in this test")
+
+    monkeypatch.setattr(kernel_mod, "compiled_available", lambda device_type: True)
+    monkeypatch.setattr(kernel_mod, "_compiled", broken)
+    x = torch.randn(7, 5)
+    with pytest.warns(RuntimeWarning, match="no compiler in this test.*kernel': 'eager'"):
+        _assert_same_step(eager, forced, x, exact=True)
+    assert "no compiler" in forced[0].dendrites.kernel.failed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only: later steps run eager without asking again
+        _assert_same_step(eager, forced, x, exact=True)
+
+
+def test_compiled_where_unavailable_warns_and_runs_eager(monkeypatch):
+    eager = _grown(nn.Sequential(nn.Linear(5, 3)), 2, "eager")
+    forced = _with_kernel(eager, "compiled")
+    monkeypatch.setattr(kernel_mod, "compiled_available", lambda device_type: False)
+    with pytest.warns(RuntimeWarning, match="cannot build kernels for cpu"):
+        _assert_same_step(eager, forced, torch.randn(7, 5), exact=True)
+
+
+@needs_compiler
+def test_compiled_kernel_matches_eager_on_linear_and_keeps_growth_exact():
+    eager = _grown(nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3)), 2, "eager")
+    compiled = _with_kernel(eager, "compiled")
+    x = torch.randn(2, 5, 8)
+    _assert_same_step(eager, compiled, x)
+    # Growth leaves the compiled model's function exactly as it was (the new output gains are zero).
+    compiled.eval()
+    with torch.no_grad():
+        before = compiled(x)
+        td.grow(compiled, torch.Generator().manual_seed(3))
+        assert torch.equal(compiled(x), before)
+
+
+@pytest.mark.slow
+@needs_compiler
+@pytest.mark.parametrize("dendrite_type", ["cascade", "lowrank"])
+def test_compiled_kernel_matches_eager_on_convolutions(dendrite_type):
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3))
+    eager = _grown(net, 3, "eager", dendrite_type)
+    _assert_same_step(eager, _with_kernel(eager, "compiled"), torch.randn(2, 3, 9, 9))
+
+
+@pytest.mark.slow
+@needs_compiler
+def test_compiled_kernel_matches_eager_in_a_candidate_phase():
+    eager = _grown(nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3)), 1, "eager")
+    for layer in td.dendritic_layers(eager).values():
+        layer.dendrites.add_candidates(2, torch.Generator().manual_seed(1))
+    compiled = _with_kernel(eager, "compiled")
+    _assert_same_step(eager, compiled, torch.randn(9, 8))
+    for (name, a), b in zip(td.dendritic_layers(eager).items(), td.dendritic_layers(compiled).values()):
+        sa, sb = a.dendrites.correlation, b.dendrites.correlation
+        assert float(sa.n) > 0
+        for field in ("sum_s", "sum_ss", "sum_se", "sum_e", "sum_ee"):
+            assert torch.allclose(getattr(sa, field), getattr(sb, field), rtol=1e-5, atol=1e-6), (name, field)

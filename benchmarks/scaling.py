@@ -165,8 +165,8 @@ def run_model(name: str, work: Path) -> List[dict]:
         s,
         peak,
         unit,
-        "the new set, and the base values it overwrites (kept for a rollback); "
-        "the file is hashed, then read again in 64 MiB batches",
+        "the new set; the file is hashed, then read again in 64 MiB batches; the base values it overwrites are "
+        "kept for a rollback in a temporary file (beyond 256 MiB; in memory below)",
     )
     target = None  # noqa: F841
     gc.collect()

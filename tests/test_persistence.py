@@ -333,12 +333,19 @@ def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.parametrize("journal", ["memory", "spilled"])
 @pytest.mark.parametrize("already_grown", [False, True])
-def test_weights_file_changed_between_check_and_apply_leaves_the_model_as_it_was(tmp_path, monkeypatch, already_grown):
+def test_weights_file_changed_between_check_and_apply_leaves_the_model_as_it_was(
+    tmp_path, monkeypatch, already_grown, journal
+):
     """The weights are hashed while checking and read again into the model at the end; if that second read
     differs (the file edited in place in between), the load fails and every tensor it had overwritten gets
-    its value back: those of a fresh base model, and those of a model that already held the structure."""
+    its value back: those of a fresh base model, and those of a model that already held the structure, from
+    the load's journal in memory or spilled to a temporary file (large models)."""
     from torch_dendrites.persistence import checkpoint
+
+    if journal == "spilled":
+        monkeypatch.setattr(checkpoint, "_JOURNAL_MEMORY_BYTES", 0)
 
     model, x = grown("mlp")
     ctl = td.GrowthController(model, td.GrowthConfig())
@@ -371,6 +378,36 @@ def test_weights_file_changed_between_check_and_apply_leaves_the_model_as_it_was
     after = target.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
     assert {k: v for k, v in vars(other).items() if k != "model"} == other_before
+
+
+def test_a_large_load_keeps_the_values_it_overwrites_on_disk_not_in_memory(tmp_path, monkeypatch):
+    """Beyond _JOURNAL_MEMORY_BYTES of overwritten values the load's journal holds no tensor in memory (so a load
+    never holds a second copy of the weights), every overwritten tensor is journalled once (tied weights once),
+    and the temporary file is closed at the end."""
+    from torch_dendrites.persistence import checkpoint
+
+    model, x = grown("mlp", sets=2)
+    folder = td.save(tmp_path / "m", model)
+    target = td.load(folder, fresh("mlp"))
+    with torch.no_grad():
+        for p in target.parameters():
+            p.mul_(0.5)
+    seen = []
+    real_close = checkpoint._Journal.close
+
+    def close(self):
+        seen.append((dict(self.memory), list(self.records), self.file))
+        real_close(self)
+        assert self.file is None
+
+    monkeypatch.setattr(checkpoint, "_JOURNAL_MEMORY_BYTES", 0)
+    monkeypatch.setattr(checkpoint._Journal, "close", close)
+    td.load(folder, target)
+    with torch.no_grad():
+        assert torch.equal(target(x), model(x))
+    ((memory, records, file),) = seen
+    assert memory == {} and file is not None and file.closed
+    assert sorted(r[0] for r in records) == sorted(k for k, v in target.state_dict().items() if v.numel())
 
 
 @pytest.mark.parametrize("adapter", [False, True])

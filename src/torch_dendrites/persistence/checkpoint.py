@@ -20,6 +20,7 @@ import hashlib
 import os
 import secrets
 import stat
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
@@ -43,6 +44,7 @@ from .codec import (
     iter_data,
     loads,
     pack_state,
+    raw_bytes,
     read_data,
     read_header,
     safetensors_bytes,
@@ -671,17 +673,73 @@ def _apply_controller(controller, state: dict, read: _Read, tx: _Transaction, mo
 _BATCH_BYTES = 1 << 26
 
 
+# The values a load overwrites are kept until it has succeeded, to put back if it fails. Up to this many bytes
+# they stay in memory; beyond, they go to an unnamed temporary file (TMPDIR), a batch at a time, so that a
+# load never holds a second copy of a large model's weights, at the price of writing those values once.
+_JOURNAL_MEMORY_BYTES = 1 << 28
+
+
+class _Journal:
+    """The old values of the tensors a load overwrites: in memory, or spilled to an unnamed temporary file
+    (deleted by the operating system when closed, even if the process dies)."""
+
+    def __init__(self, spill: bool):
+        self.spill = spill
+        self.memory: Dict[str, torch.Tensor] = {}
+        self.file: Any = None
+        self.records: List[tuple] = []  # (key, offset, shape, dtype) of each spilled tensor
+
+    def keep(self, values: Dict[str, torch.Tensor]) -> None:
+        """Keep ``values`` (the model's own tensors, before they are overwritten)."""
+        for k, t in values.items():
+            t = t.detach()
+            if not self.spill or is_sharded(t) or t.device.type == "meta":
+                self.memory[k] = t.clone()
+                continue
+            if self.file is None:
+                self.file = tempfile.TemporaryFile(prefix="torch-dendrites-load-")
+            data = t.cpu().contiguous()
+            offset = self.file.seek(0, os.SEEK_END)
+            self.file.write(raw_bytes(data))
+            self.records.append((k, offset, tuple(data.shape), data.dtype))
+
+    def restore(self, model: nn.Module) -> None:
+        """Put every kept value back into ``model``."""
+        if self.memory:
+            model.load_state_dict(self.memory, strict=False)
+        batch: Dict[str, torch.Tensor] = {}
+        size = 0
+        for k, offset, shape, dtype in self.records:
+            t = torch.empty(shape, dtype=dtype)
+            self.file.seek(offset)
+            if t.numel():
+                self.file.readinto(raw_bytes(t))
+            batch[k] = t
+            size += t.nbytes
+            if size >= _BATCH_BYTES:
+                model.load_state_dict(batch, strict=False)
+                batch, size = {}, 0
+        if batch:
+            model.load_state_dict(batch, strict=False)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
 def _load_weights(model: nn.Module, r: _Read, tx: _Transaction, existing: set) -> None:
     """Read the weights file again, a batch of tensors at a time, into ``model``; the values of tensors that
-    existed before the load are kept until the end, to put back (through ``tx``) if anything fails, the file's
-    hash included (it must be the one checked before anything changed)."""
+    existed before the load are kept until the end (:class:`_Journal`), to put back (through ``tx``) if anything
+    fails, the file's hash included (it must be the one checked before anything changed)."""
     t, where = r.files[WEIGHTS], r.path / WEIGHTS
     keys: Dict[str, List[str]] = {}  # stored key -> model keys (tied weights share one stored tensor)
     for k, src in r.weights.items():
         keys.setdefault(src, []).append(k)
     own = model.state_dict(keep_vars=True)
-    saved: Dict[str, torch.Tensor] = {}
-    tx.add(lambda: model.load_state_dict(saved, strict=False) if saved else None)
+    overwritten = sum(own[k].nbytes for k in r.weights if k in own and id(own[k]) in existing)
+    journal = _Journal(spill=overwritten > _JOURNAL_MEMORY_BYTES)
+    tx.add(lambda: journal.restore(model))
     batch: Dict[str, torch.Tensor] = {}
     done: set = set()
 
@@ -689,32 +747,43 @@ def _load_weights(model: nn.Module, r: _Read, tx: _Transaction, existing: set) -
 
     def flush() -> None:
         _check_indices(batch, r.index_bounds, where)
+        old: Dict[str, torch.Tensor] = {}
         for k, new in batch.items():
             t = own[k]
             if id(t) not in existing or id(t) in kept:
                 continue  # created by this load (removed by a rollback), or kept already under another key
             if not is_sharded(t) and t.shape == new.shape and t.dtype == new.dtype and torch.equal(t.cpu(), new):
                 continue  # the load does not change it
-            saved[k] = t.detach().clone()
+            old[k] = t
             kept.add(id(t))
+        journal.keep(old)
         result = model.load_state_dict(shard_like(batch, own), strict=False)
         if result.unexpected_keys:  # pragma: no cover - planned
             raise CheckpointError(f"{r.path}: the model's keys changed while loading.")
         done.update(batch)
         batch.clear()
 
-    size, h = 0, hashlib.sha256(t.header.raw)
-    for src, tensor in iter_data(r.fs, r.weights_fd, t.header, where, h):
-        for k in keys.get(src, ()):
-            batch[k] = tensor
-        size += tensor.nbytes
-        if size >= _BATCH_BYTES:
-            flush()
-            size = 0
-    flush()
-    _check_hash(r, WEIGHTS, None, h.hexdigest(), len(t.header.raw) + t.header.data_size)
-    if done != set(r.weights):  # pragma: no cover - planned
-        raise CheckpointError(f"{r.path}: the model's keys changed while loading.")
+    try:
+        size, h = 0, hashlib.sha256(t.header.raw)
+        for src, tensor in iter_data(r.fs, r.weights_fd, t.header, where, h):
+            for k in keys.get(src, ()):
+                batch[k] = tensor
+            size += tensor.nbytes
+            if size >= _BATCH_BYTES:
+                flush()
+                size = 0
+        flush()
+        _check_hash(r, WEIGHTS, None, h.hexdigest(), len(t.header.raw) + t.header.data_size)
+        if done != set(r.weights):  # pragma: no cover - planned
+            raise CheckpointError(f"{r.path}: the model's keys changed while loading.")
+    except BaseException:
+        try:
+            journal.restore(model)  # here, while the journal is open; the transaction's undo then finds it empty
+        finally:
+            journal.records, journal.memory = [], {}
+        raise
+    finally:
+        journal.close()
 
 
 def _failed(read_path: Path, exc: BaseException) -> CheckpointError:
@@ -746,7 +815,8 @@ def load(
     :class:`~torch_dendrites.CheckpointError` names what differs, and the model, controller, optimizer,
     scheduler, random states and generators are left exactly as they were. The weights are then read a second
     time, a batch at a time, into the model (their hash checked again): a load holds the model, the values of
-    the tensors it overwrites (to put them back on failure) and one batch, never a second copy of the file.
+    the tensors it overwrites (to put them back on failure: in memory up to 256 MiB, beyond that in an unnamed
+    temporary file under ``TMPDIR``) and one batch, never a second copy of the file.
 
     An adapter-sized folder (``save(..., base_weights=False)``) holds no base weights: ``model`` must already
     hold them (``from_pretrained``), and their fingerprint must match the saved one (every base byte is hashed,

@@ -168,7 +168,7 @@ def sha256(data) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _raw_bytes(t: torch.Tensor) -> memoryview:
+def raw_bytes(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without copying them."""
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
@@ -211,7 +211,7 @@ class TensorFile:
         """The file's bytes in pieces: the header, then one view per tensor (no copies)."""
         yield memoryview(self._head)
         for t in self._tensors:
-            yield _raw_bytes(t)
+            yield raw_bytes(t)
 
     def sha256(self) -> str:
         h = hashlib.sha256()

@@ -36,7 +36,7 @@ import torch_dendrites as td
 from benchmarks import timing
 from benchmarks.models import MnistNet
 from benchmarks.spawn import child_env, module_command
-from torch_dendrites.dendrites.kernel import AUTO_MIN_DENDRITES, AUTO_MIN_ELEMENTS, KERNELS, compiled_available
+from torch_dendrites.dendrites.kernel import AUTO_MIN_ELEMENTS, KERNELS, compiled_available
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -210,7 +210,7 @@ def _kernel_note(kernel: str, device: torch.device) -> str:
         return "eager everywhere"
     if kernel == "compiled":
         return "compiled everywhere"
-    return f"compiled at >= {AUTO_MIN_DENDRITES} dendrites and >= {AUTO_MIN_ELEMENTS} pre-activations, else eager"
+    return f"compiled on calls of >= {AUTO_MIN_ELEMENTS} dendrite pre-activations, else eager"
 
 
 def bench_controller(rounds: int):

@@ -12,7 +12,7 @@ from torch import nn
 
 import torch_dendrites as td
 from torch_dendrites.dendrites import kernel as kernel_mod
-from torch_dendrites.dendrites.kernel import AUTO_MIN_DENDRITES, AUTO_MIN_ELEMENTS, CascadeKernel, compiled_available
+from torch_dendrites.dendrites.kernel import AUTO_MIN_ELEMENTS, CascadeKernel, compiled_available
 
 needs_compiler = pytest.mark.skipif(not compiled_available("cpu"), reason="torch.compile has no C++ compiler here")
 
@@ -64,15 +64,14 @@ def _assert_same_step(a: nn.Module, b: nn.Module, x: torch.Tensor, exact: bool =
         assert check(grads_a[n], grads_b[n]), (n, (grads_a[n] - grads_b[n]).abs().max())
 
 
-def test_auto_chooses_by_dendrites_and_size():
+def test_auto_chooses_by_size():
     k = CascadeKernel("auto")
-    small = torch.zeros(4, AUTO_MIN_DENDRITES, 3)
-    big = torch.zeros(AUTO_MIN_ELEMENTS // AUTO_MIN_DENDRITES, AUTO_MIN_DENDRITES, 1)
-    assert not k.use_compiled(small, AUTO_MIN_DENDRITES)
-    assert not k.use_compiled(big, 1)  # one dendrite: nothing for a compiler to fuse
-    assert k.use_compiled(big, AUTO_MIN_DENDRITES) == compiled_available("cpu")
-    assert not CascadeKernel("eager").use_compiled(big, 8)
-    assert not k.use_compiled(big.to("meta"), AUTO_MIN_DENDRITES)  # no compiled kernels for meta tensors
+    small = torch.zeros(AUTO_MIN_ELEMENTS // 2 - 1, 2, 1)
+    big = torch.zeros(AUTO_MIN_ELEMENTS // 2, 2, 1)
+    assert not k.use_compiled(small, 2)
+    assert k.use_compiled(big, 2) == compiled_available("cpu")
+    assert not CascadeKernel("eager").use_compiled(big, 2)
+    assert not k.use_compiled(big.to("meta"), 2)  # no compiled kernels for meta tensors
 
 
 def test_default_kernel_is_auto_and_the_option_survives_save_and_load(tmp_path):

@@ -39,8 +39,8 @@ def _with_kernel(model: nn.Module, choice: str) -> nn.Module:
 
 
 def _compiled_calls() -> int:
-    info = kernel_mod._compiled.cache_info()
-    return info.hits + info.misses
+    infos = kernel_mod._compiled.cache_info(), kernel_mod._compiled_fn.cache_info()
+    return sum(i.hits + i.misses for i in infos)
 
 
 def _step(model: nn.Module, x: torch.Tensor):
@@ -68,10 +68,10 @@ def test_auto_chooses_by_size():
     k = CascadeKernel("auto")
     small = torch.zeros(AUTO_MIN_ELEMENTS // 2 - 1, 2, 1)
     big = torch.zeros(AUTO_MIN_ELEMENTS // 2, 2, 1)
-    assert not k.use_compiled(small, 2)
-    assert k.use_compiled(big, 2) == compiled_available("cpu")
-    assert not CascadeKernel("eager").use_compiled(big, 2)
-    assert not k.use_compiled(big.to("meta"), 2)  # no compiled kernels for meta tensors
+    assert not k.use_compiled(small)
+    assert k.use_compiled(big) == compiled_available("cpu")
+    assert not CascadeKernel("eager").use_compiled(big)
+    assert not k.use_compiled(big.to("meta"))  # no compiled kernels for meta tensors
 
 
 def test_default_kernel_is_auto_and_the_option_survives_save_and_load(tmp_path):
@@ -99,6 +99,11 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once only: later steps run eager without asking again
         _assert_same_step(eager, forced, x, exact=True)
+
+
+def test_kernel_run_refuses_numbers():
+    with pytest.raises(TypeError, match="bake numbers"):
+        CascadeKernel("eager").run(lambda t, p: t, torch.zeros(2), 1)
 
 
 def test_compiled_where_unavailable_warns_and_runs_eager(monkeypatch):
@@ -134,12 +139,20 @@ def test_compiled_kernel_matches_eager_on_convolutions(dendrite_type):
 
 @pytest.mark.slow
 @needs_compiler
-def test_compiled_kernel_matches_eager_in_a_candidate_phase():
-    eager = _grown(nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3)), 1, "eager")
+@pytest.mark.parametrize("k", [0, 1])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_compiled_kernel_matches_eager_in_a_candidate_phase(kind, k):
+    """Candidates' activations, the correlation statistics and the tap's gradient, compiled and eager."""
+    if kind == "linear":
+        net, x = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3)), torch.randn(2, 9, 8)
+    else:
+        net, x = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3)), torch.randn(2, 3, 8, 8)
+    eager = _grown(net, k, "eager")
     for layer in td.dendritic_layers(eager).values():
         layer.dendrites.add_candidates(2, torch.Generator().manual_seed(1))
     compiled = _with_kernel(eager, "compiled")
-    _assert_same_step(eager, compiled, torch.randn(9, 8))
+    _assert_same_step(eager, compiled, x)
+    _assert_same_step(eager, compiled, x)  # a second batch: statistics accumulate
     for (name, a), b in zip(td.dendritic_layers(eager).items(), td.dendritic_layers(compiled).values()):
         sa, sb = a.dendrites.correlation, b.dendrites.correlation
         assert float(sa.n) > 0

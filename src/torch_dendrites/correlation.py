@@ -17,6 +17,7 @@ gains are zero and frozen), so the model's function is unchanged; their gradient
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
@@ -35,15 +36,47 @@ __all__ = [
 ]
 
 
-def _channel_sum(t: torch.Tensor, c_axis: int) -> torch.Tensor:
-    dims = [d for d in range(t.dim()) if d != c_axis]
-    return t.sum(dims) if dims else t
+# The elementwise work of a candidate phase, on canonical shapes: candidate tensors ``[N, P, C, R]`` (positions
+# before the candidate axis, candidates, channels, positions after), layer tensors ``[N, C, R]``. A dendrite
+# stack's kernel may run them compiled (no int arguments: a compiled function with dynamic shapes would treat
+# an axis number as a symbol).
 
 
-def _pair_sum(t: torch.Tensor, p: int) -> torch.Tensor:
-    """Reduce ``[..., P, C, ...]`` (candidate axis ``p``) to ``[P, C]``."""
-    dims = [d for d in range(t.dim()) if d not in (p, p + 1)]
-    return t.sum(dims) if dims else t
+def _canonical(t: torch.Tensor, p: int, pair: bool) -> torch.Tensor:
+    """``t`` viewed as ``[N, P, C, R]`` (``pair``: axes ``p``, ``p + 1`` are candidates, channels) or ``[N, C, R]``."""
+    keep = 2 if pair else 1
+    return t.reshape(math.prod(t.shape[:p]), *t.shape[p : p + keep], math.prod(t.shape[p + keep :]))
+
+
+def _batch_sums(s: torch.Tensor, e: torch.Tensor):
+    """One batch's sums of ``s``, ``s^2``, ``s e`` (per candidate and channel) and ``e``, ``e^2`` (per channel)."""
+    e4 = e.unsqueeze(1)
+    return (
+        s.sum((0, 3)),
+        (s * s).sum((0, 3)),
+        (s * e4).sum((0, 3)),
+        e.sum((0, 2)),
+        (e * e).sum((0, 2)),
+    )
+
+
+def _tap_grad(g: torch.Tensor, mean_e: torch.Tensor, scale: torch.Tensor, neg_sign: torch.Tensor):
+    """``-sign_qc (e_pc - mean_c) / scale_c``, ``[N, P, C, R]`` (see _CorrelationTap)."""
+    ge = (g - mean_e[:, None]) / scale[:, None]
+    return ge.unsqueeze(1) * neg_sign[:, :, None]
+
+
+def _candidate_activations(z: torch.Tensor, u: Optional[torch.Tensor], s: Optional[torch.Tensor], activation: str):
+    """``act(z + sum_j u_j s_j)``: the candidates' activations from their pre-activations ``z`` (``[N, P, C, R]``),
+    their cascade gains ``u`` (``[P, k, C, 1]``) and the installed dendrites' activations ``s``
+    (``[N, k, C, R]``, detached; None without installed dendrites)."""
+    if s is not None:
+        z = z + (u * s.unsqueeze(1)).sum(2)
+    return torch.sigmoid(z) if activation == "sigmoid" else torch.tanh(z)
+
+
+def _eager(fn: Callable, *args: Any) -> Any:
+    return fn(*args)
 
 
 class CandidateHolder(Protocol):
@@ -115,14 +148,13 @@ class CorrelationStats:
         self.sum_ee = torch.zeros(c, **kw)
 
     @torch.no_grad()
-    def update(self, s: torch.Tensor, e: torch.Tensor, p: int) -> None:
-        """Add one batch: ``s`` is ``[..., P, C, ...]`` (candidate axis ``p``), ``e`` is ``[..., C, ...]``."""
+    def update(self, s: torch.Tensor, e: torch.Tensor, p: int, run: Callable = _eager) -> None:
+        """Add one batch: ``s`` is ``[..., P, C, ...]`` (candidate axis ``p``), ``e`` is ``[..., C, ...]``;
+        ``run(fn, *args)`` runs the elementwise work (a dendrite stack's kernel, which may compile it)."""
         self.n += e.numel() // self.shape[1]
-        self.sum_s += _pair_sum(s, p).double()
-        self.sum_ss += _pair_sum(s * s, p).double()
-        self.sum_se += _pair_sum(s * e.unsqueeze(p), p).double()
-        self.sum_e += _channel_sum(e, p).double()
-        self.sum_ee += _channel_sum(e * e, p).double()
+        sums = run(_batch_sums, _canonical(s, p, True), _canonical(e, p, False))
+        for total, part in zip((self.sum_s, self.sum_ss, self.sum_se, self.sum_e, self.sum_ee), sums):
+            total += part.double()
 
     def covariance(self) -> torch.Tensor:
         """``S / n``: the covariance of each candidate with its neuron's error, ``[P, C]``."""
@@ -149,9 +181,9 @@ class _CorrelationTap(torch.autograd.Function):
     gradient of the negative covariance magnitude instead of the loss's (which would be zero)."""
 
     @staticmethod
-    def forward(ctx, out, s, stats, p):
+    def forward(ctx, out, s, stats, p, run):
         ctx.save_for_backward(s)
-        ctx.stats, ctx.p = stats, p
+        ctx.stats, ctx.p, ctx.run = stats, p, run
         # A copy, not the input itself: a later in-place op (ReLU(inplace=True)) must not hit our input.
         return out.clone()
 
@@ -162,16 +194,14 @@ class _CorrelationTap(torch.autograd.Function):
         p, st = ctx.p, ctx.stats
         if st.on_backward is not None:
             st.on_backward()
-        st.update(s, g, p)
-        tail = (1,) * (g.dim() - p - 1)
+        st.update(s, g, p, ctx.run)
         mean_e, std_e = st.error_mean_std()
         sign = torch.sign(st.covariance()).to(g.dtype)  # [P, C]
         positions = g.numel() // st.shape[1]
         # d(-|S_qc|/std_c)/ds_p = -sign_qc (e_pc - mean_c) / std_c; averaged over the batch's positions.
         scale = (std_e.clamp_min(1e-12) * positions).to(g.dtype)
-        ge = (g - mean_e.to(g.dtype).view(-1, *tail)) / scale.view(-1, *tail)
-        grad_s = ge.unsqueeze(p) * sign.neg().view(*sign.shape, *tail)
-        return g, grad_s.to(s.dtype), None, None
+        grad_s = ctx.run(_tap_grad, _canonical(g, p, False), mean_e.to(g.dtype), scale, sign.neg())
+        return g, grad_s.reshape(s.shape).to(s.dtype), None, None, None
 
 
 @torch.compiler.disable
@@ -188,12 +218,12 @@ def candidate_tap(dendrites, out: torch.Tensor, s: Optional[torch.Tensor], p: in
     params = {n: [getattr(d, n) for d in cands] for n in dendrites.param_names}
     z = dendrites.spec.batched_forward(dendrites._base[0], params, *det_args, **det_kwargs).unflatten(p, (n_c, c))
     k = dendrites.num_dendrites
-    if k:
-        tail = (1,) * (out.dim() - p - 1)
-        u = torch.stack([d.cascade_gain for d in cands]).view(n_c, k, c, *tail)  # [P, k, C, ...]
-        z = z + (u * s.detach().unsqueeze(p)).sum(p + 1)
-    act = torch.sigmoid if dendrites.activation == "sigmoid" else torch.tanh
-    return _CorrelationTap.apply(out, act(z), dendrites.correlation, p)
+    run = getattr(dendrites, "kernel", None)
+    run = _eager if run is None else run.run
+    u = torch.stack([d.cascade_gain for d in cands]).view(n_c, k, c, 1) if k else None  # [P, k, C, 1]
+    s = _canonical(s.detach(), p, True) if k else None
+    s_cand = run(_candidate_activations, _canonical(z, p, True), u, s, dendrites.activation).reshape(z.shape)
+    return _CorrelationTap.apply(out, s_cand, dendrites.correlation, p, run)
 
 
 def checksum(tensors: List[torch.Tensor]) -> List[Tuple[float, float]]:

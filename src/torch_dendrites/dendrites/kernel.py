@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import functools
 import math
+import types
 import warnings
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -174,10 +175,21 @@ def _compiled(k: int, activation: str, return_s: bool) -> Callable:
         out, s = _cascade_reference(a, y, v, 1, activation, list(u))
         return (out, s) if return_s else out
 
-    # Dynamo keeps compiled graphs, and its limit on recompiles, per code object: one code object per key, so
-    # that growing past a few dendrite counts never falls back to uncompiled ops.
-    fused.__code__ = fused.__code__.replace(co_name=f"fused_cascade_k{k}_{activation}_{int(return_s)}")
-    return torch.compile(fused, dynamic=True)
+    return _compile(fused, f"fused_cascade_k{k}_{activation}_{int(return_s)}")
+
+
+@functools.cache
+def _compiled_fn(fn: Callable) -> Callable:
+    """``fn`` (a pure tensor function of the correlation candidates' phase) compiled, once per process."""
+    return _compile(fn, f"fused_{fn.__name__.lstrip('_')}")
+
+
+def _compile(fn: Callable, name: str) -> Callable:
+    # Dynamo keeps compiled graphs, and its limit on recompiles, per code object: one code object per kernel,
+    # so that growing past a few dendrite counts never falls back to uncompiled ops.
+    code = fn.__code__.replace(co_name=name)
+    fn = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    return torch.compile(fn, dynamic=True)
 
 
 class CascadeKernel:
@@ -191,14 +203,29 @@ class CascadeKernel:
         self.choice = choice
         self.failed: Optional[str] = None  # why the compiled kernel could not run here (then: eager for good)
 
-    def use_compiled(self, a: torch.Tensor, k: int) -> bool:
+    def use_compiled(self, t: torch.Tensor) -> bool:
+        """Whether a kernel over tensors like ``t`` (the largest it reads) runs compiled."""
         if self.choice == "eager" or self.failed is not None:
             return False
-        if not compiled_available(a.device.type):
+        if not compiled_available(t.device.type):
             if self.choice == "compiled":
-                self._fall_back(f"torch.compile cannot build kernels for {a.device.type} tensors here")
+                self._fall_back(f"torch.compile cannot build kernels for {t.device.type} tensors here")
             return False
-        return self.choice == "compiled" or a.numel() >= AUTO_MIN_ELEMENTS
+        return self.choice == "compiled" or t.numel() >= AUTO_MIN_ELEMENTS
+
+    def run(self, fn: Callable, *args: Any) -> Any:
+        """``fn(*args)``, compiled where :meth:`use_compiled` says so for ``args[0]`` (its largest input).
+
+        ``args`` are tensors, None or strings: a compiled function with dynamic shapes takes an int argument as
+        a symbol, and code that branches on it (``d not in (p, p + 1)``) can then compute something else."""
+        if any(isinstance(a, (int, float)) for a in args):
+            raise TypeError("CascadeKernel.run takes tensors, None and strings only; bake numbers into fn.")
+        if self.use_compiled(args[0]):
+            try:
+                return _compiled_fn(fn)(*args)
+            except Exception as exc:  # noqa: BLE001 - a compiler failure must not stop training: run eager
+                self._fall_back(f"{type(exc).__name__}: {str(exc)[:200]}")
+        return fn(*args)
 
     def _fall_back(self, why: str) -> None:
         self.failed = why
@@ -213,7 +240,7 @@ class CascadeKernel:
         """The layer output (and the dendrite activations ``s`` if ``return_s``); ``a``: ``[..., k, C, ...]``
         with the dendrite axis at ``p``; ``v``: ``[k, C]``; ``u[i - 1]``: ``[i, C]``."""
         k = a.shape[p]
-        if self.use_compiled(a, k):
+        if self.use_compiled(a):
             c, r = a.shape[p + 1], math.prod(a.shape[p + 2 :])
             # Canonical [N, k, C, R]: one compiled graph serves every layout (Linear, convolutions, tokens).
             a3 = a.reshape(-1, k, c, r)

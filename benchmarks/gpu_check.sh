@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The accelerator check, in one script (at most about 5 minutes on one GPU):
-#   1. the CUDA tests (tests/test_precision_compile.py: bf16/fp16 autocast, compile, CUDA save/load);
+#   1. the CUDA tests (tests/test_precision_compile.py: bf16/fp16 autocast, compile, CUDA save/load;
+#      tests/test_kernel.py: the compiled (Triton) cascade kernel against the eager one);
 #   2. the overhead table on the device in fp32, bf16 and fp16 (GradScaler), with each variant's peak memory;
 # results go to benchmarks/results/gpu/ (overhead_<device>.md, cuda_tests_<device>.txt).
 #
@@ -23,7 +24,7 @@ echo "== CUDA tests ($DEVICE)"
 # On the CPU they skip (no GPU); the run still shows that they are collected and that nothing else fails.
 # A failing test does not stop the tables; the script exits with the tests' status at the end.
 set +e
-"$PY" -m pytest -q -p no:cacheprovider tests/test_precision_compile.py -rs > "$OUT/cuda_tests_$DEVICE.txt" 2>&1
+"$PY" -m pytest -q -p no:cacheprovider tests/test_precision_compile.py tests/test_kernel.py -m "" -rs > "$OUT/cuda_tests_$DEVICE.txt" 2>&1
 TESTS=$?
 set -e
 tail -5 "$OUT/cuda_tests_$DEVICE.txt"

@@ -15,9 +15,9 @@ Example:
     >>> import torch_dendrites as td
     >>> from torch_dendrites.dendrites import LowRankOptions
     >>> LowRankOptions(rank=2).to_dict()
-    {'rank': 2}
+    {'rank': 2, 'kernel': 'auto'}
     >>> td.DendriteConfig(dendrite_type="lowrank", dendrite_options=LowRankOptions(rank=2)).dendrite_options
-    {'rank': 2}
+    {'rank': 2, 'kernel': 'auto'}
     >>> td.DendriteConfig(dendrite_type="lowrank", dendrite_options={"rank": 0})
     Traceback (most recent call last):
     ...

@@ -21,7 +21,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import timing
-from benchmarks.overhead import MAX_K, make_step, step_flops, variants, workload
+from benchmarks.overhead import MAX_K, kernel_note, make_step, step_flops, variants, workload
+from torch_dendrites.dendrites.kernel import KERNELS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GEMM = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")
@@ -50,9 +51,9 @@ def split(step, steps: int, warmup: int = 3) -> Tuple[float, float, Dict[str, fl
     return gemm, other, ops
 
 
-def profile_model(model: str, steps: int, repeats: int) -> List[dict]:
+def profile_model(model: str, steps: int, repeats: int, kernel: str = "auto") -> List[dict]:
     name, base, x, y, loss_fn = workload(model, torch.device("cpu"))
-    models = variants(base, MAX_K)
+    models = variants(base, MAX_K, kernel)
     flops = {k: step_flops(m, x, y, loss_fn) for k, m in models.items()}
     rows = []
     per: Dict[str, List[Tuple[float, float, Dict[str, float]]]] = {k: [] for k in models}
@@ -77,12 +78,13 @@ def profile_model(model: str, steps: int, repeats: int) -> List[dict]:
     return rows
 
 
-def table(rows: List[dict], steps: int, repeats: int) -> str:
+def table(rows: List[dict], steps: int, repeats: int, kernel: str = "auto") -> str:
     lines = [
         "# Where the time above the FLOP ideal goes",
         "",
-        f"torch {torch.__version__}, CPU, {torch.get_num_threads()} thread(s); `torch.profiler` self CPU time per "
-        f"operator over {steps} training steps (SGD, as in `overhead.py`), median of {repeats} repeats interleaved "
+        f"torch {torch.__version__}, CPU, {torch.get_num_threads()} thread(s), cascade kernel {kernel!r} "
+        f"({kernel_note(kernel, torch.device('cpu'))}); `torch.profiler` self CPU time per operator over {steps} "
+        f"training steps (SGD, as in `overhead.py`), median of {repeats} repeats interleaved "
         "over the variants. GEMM: matrix products and convolutions (what the FLOP counter counts); other: everything "
         "else (activations, gains, cascade sums, their backward, copies, the optimizer). Each relative to the plain "
         "model's. Profiling adds a fixed cost per operator, so `profiled total / plain` runs above the unprofiled "
@@ -107,11 +109,12 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="one repeat of 2 steps, nothing written")
     ap.add_argument("--out", type=Path, default=RESULTS / "profile_overhead.md")
+    ap.add_argument("--kernel", choices=list(KERNELS), default="auto", help="the cascade kernel (as in overhead.py)")
     args = ap.parse_args(argv)
     timing.pin_threads()
     steps, repeats = (2, 1) if args.quick else (args.steps, args.repeats)
-    rows = [r for model in ("cnn", "tokens") for r in profile_model(model, steps, repeats)]
-    text = table(rows, steps, repeats)
+    rows = [r for model in ("cnn", "tokens") for r in profile_model(model, steps, repeats, args.kernel)]
+    text = table(rows, steps, repeats, args.kernel)
     print(text)
     if not args.quick:
         args.out.write_text(text)

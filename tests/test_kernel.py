@@ -114,6 +114,47 @@ def test_compiled_where_unavailable_warns_and_runs_eager(monkeypatch):
         _assert_same_step(eager, forced, torch.randn(7, 5), exact=True)
 
 
+def test_dispatch_modes_get_the_eager_kernel(monkeypatch):
+    """Under a dispatch mode (FlopCounterMode here) dynamo would skip the compiled kernel's frame and remember the
+    skip, so the kernel must not be called there; results and the FLOP count are the eager kernel's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    eager = _grown(nn.Sequential(nn.Linear(5, 3)), 2, "eager")
+    forced = _with_kernel(eager, "compiled")
+
+    def not_here(*key):
+        raise AssertionError("the compiled kernel was called under a dispatch mode")
+
+    monkeypatch.setattr(kernel_mod, "compiled_available", lambda device_type: True)
+    monkeypatch.setattr(kernel_mod, "_compiled", not_here)
+    monkeypatch.setattr(kernel_mod, "_compiled_fn", not_here)
+    x = torch.randn(7, 5)
+    counts = []
+    for model in (eager, forced):
+        with FlopCounterMode(display=False) as counter, warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out, grads = _step(model, x)
+        counts.append((counter.get_total_flops(), out, grads))
+    assert counts[0][0] == counts[1][0] > 0
+    assert torch.equal(counts[0][1], counts[1][1])
+    assert all(torch.equal(counts[0][2][n], counts[1][2][n]) for n in counts[0][2])
+    assert forced[0].dendrites.kernel.failed is None
+
+
+@needs_compiler
+def test_the_compiled_kernel_still_runs_after_a_flop_count():
+    from torch.profiler import profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = _grown(nn.Sequential(nn.Linear(9, 7)), 1, "compiled", seed=3)
+    x = torch.randn(5, 9)
+    with FlopCounterMode(display=False):
+        _step(model, x)
+    with profile() as prof:
+        _step(model, x)
+    assert any("Compiled" in e.key for e in prof.key_averages())
+
+
 @needs_compiler
 def test_compiled_kernel_matches_eager_on_linear_and_keeps_growth_exact():
     eager = _grown(nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3)), 2, "eager")

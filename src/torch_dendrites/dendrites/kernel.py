@@ -37,6 +37,7 @@ import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .base import ACTIVATIONS
 
@@ -206,6 +207,11 @@ class CascadeKernel:
     def use_compiled(self, t: torch.Tensor) -> bool:
         """Whether a kernel over tensors like ``t`` (the largest it reads) runs compiled."""
         if self.choice == "eager" or self.failed is not None:
+            return False
+        if is_in_torch_dispatch_mode():
+            # Under a dispatch mode (FlopCounterMode, a profiler's or a planner's fake tensors) dynamo skips the
+            # frame and remembers the skip for the code object: every later call would then run the reference
+            # ops uncompiled, silently. The eager kernel does the same math and leaves the compiled one intact.
             return False
         if not compiled_available(t.device.type):
             if self.choice == "compiled":

@@ -106,7 +106,7 @@ def test_candidate_phase_changes_nothing_but_candidates_and_correlation_rises():
     assert ctl.num_dendrites == 1
     for layer in td.dendritic_layers(model).values():
         unit = layer.dendrites.units[0]
-        assert unit.correlation_trained and unit.out_gain.requires_grad and not unit.weight.requires_grad
+        assert unit.inputs_frozen and unit.out_gain.requires_grad and not unit.weight.requires_grad
         assert all(p.requires_grad for p in layer.base.parameters())
     assert model[1].momentum == 0.1
 
@@ -170,7 +170,7 @@ def test_capacity_logistic_regression_on_xor():
     phase = ["candidates"] + [""] * 9 + ["grow"]
     assert events == [""] * 4 + phase + [""] * 4 + phase
     units = corr_model[0].dendrites.units
-    assert len(units) == 2 and all(u.correlation_trained for u in units)
+    assert len(units) == 2 and all(u.inputs_frozen for u in units)
     corr = train_fixed(corr_model, 40)
     print(f"\nXOR validation accuracy: linear {linear:.3f}, correlation {corr:.3f}, gd {gd:.3f}")
     # Over seeds 0-5 the correlation arm scored 0.91-0.955 and the gd arm 0.94-0.98: the bounds leave room

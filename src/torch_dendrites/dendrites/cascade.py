@@ -134,7 +134,7 @@ class CascadeDendrites(DendriteStack):
         d = self.candidates[index]
         for name, p in d.named_parameters():
             p.requires_grad_(name == "out_gain")
-        d.correlation_trained = True
+        d.inputs_frozen = True
         self.units.append(d)
         self.clear_candidates()
         return sum(p.numel() for p in d.parameters())
@@ -144,7 +144,7 @@ class CascadeDendrites(DendriteStack):
         return [
             p
             for d in self.units
-            if getattr(d, "correlation_trained", False)
+            if getattr(d, "inputs_frozen", False)
             for p in d.parameters()
             if not p.requires_grad
         ]

@@ -135,7 +135,7 @@ def _merge_plan(model: nn.Module):
                         "bias": u.bias.detach().clone(),
                         "out_gain": u.out_gain.detach() * scaling,
                         "cascade_gain": None if u.cascade_gain is None else u.cascade_gain.detach().clone(),
-                        "frozen_inputs": getattr(u, "correlation_trained", False),
+                        "frozen_inputs": getattr(u, "inputs_frozen", False),
                     }
                 )
         plan[paths[id(tuner)]] = entry
@@ -205,7 +205,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
                         if u[key] is not None:
                             getattr(new, key).copy_(u[key])
                 if u["frozen_inputs"]:  # correlation-trained: input weights stay frozen, as before the merge
-                    new.correlation_trained = True
+                    new.inputs_frozen = True
                     for n, p in new.named_parameters():
                         p.requires_grad_(n == "out_gain")
     return unloaded

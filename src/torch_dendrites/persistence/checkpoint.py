@@ -624,16 +624,16 @@ def _apply_structure(model: nn.Module, read: _Read, tx: _Transaction) -> None:
     def undo_flags():
         for unit, old in flagged:
             if old is None:
-                unit.__dict__.pop("correlation_trained", None)
+                unit.__dict__.pop("inputs_frozen", None)
             else:
-                unit.correlation_trained = old
+                unit.inputs_frozen = old
 
     tx.add(undo_flags)
     for name, lp in p.layers.items():
         for i in lp.entry["correlation_units"]:
             unit = layers[name].dendrites.units[i]
-            flagged.append((unit, getattr(unit, "correlation_trained", None)))
-            unit.correlation_trained = True
+            flagged.append((unit, getattr(unit, "inputs_frozen", None)))
+            unit.inputs_frozen = True
             for pname, param in unit.named_parameters():
                 param.requires_grad_(pname == "out_gain")
     record = getattr(model, _RECORD, None)

@@ -121,7 +121,7 @@ def build(
                 "activation": getattr(d, "activation", "sigmoid"),
                 "init_scale": float(d.init_scale),
                 # correlation-trained dendrites keep frozen input weights; candidates of a phase in progress
-                "correlation_units": [i for i, u in enumerate(d.units) if getattr(u, "correlation_trained", False)],
+                "correlation_units": [i for i, u in enumerate(d.units) if getattr(u, "inputs_frozen", False)],
                 "candidates": len(candidates_of(d)),
             }
         )

@@ -23,11 +23,13 @@ def tiny(seed=0):
 
 
 def perturb(model, seed):
-    """Stand-in for an epoch of training: every parameter moves."""
+    """Stand-in for an epoch of training: every trainable parameter moves."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+            step = torch.randn(p.shape, generator=g) * 0.1
+            if p.requires_grad:
+                p.add_(step)
 
 
 def run(model, ctl, scores, **extras):
@@ -299,6 +301,7 @@ def test_controller_rejects_bad_setup():
         ({"dendrite_training": "hebbian"}, "dendrite_training"),
         ({"candidate_pool": 0}, "candidate_pool"),
         ({"candidate_max_epochs": 0}, "candidate_max_epochs"),
+        ({"freeze_earlier": 1}, "freeze_earlier"),
     ],
 )
 def test_growth_config_validation_names_the_field(kwargs, field):
@@ -578,3 +581,83 @@ def test_warns_when_the_optimizer_was_not_rebuilt_after_growth():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ctl.step(0.46)
+
+
+def _frozen_flags(model):
+    """Per layer: whether each dendrite set's input weights are frozen (flag and requires_grad agree)."""
+    out = {}
+    for name, layer in td.dendritic_layers(model).items():
+        flags = []
+        for u in layer.dendrites.units:
+            frozen = bool(getattr(u, "inputs_frozen", False))
+            assert u.out_gain.requires_grad
+            assert all(p.requires_grad != frozen for n, p in u.named_parameters() if n != "out_gain")
+            flags.append(frozen)
+        out[name] = flags
+    return out
+
+
+def test_gd_growth_freezes_the_sets_before_the_newest_and_a_rollback_thaws():
+    model = tiny()
+    ctl = td.GrowthController(model, td.GrowthConfig(patience=1, trial_warmup=1, max_dendrites=3, seed=1))
+    x = torch.randn(5, 3)
+    assert [r.event for r in run(model, ctl, [0.1, 0.1])] == ["", "grow"]
+    assert set(map(tuple, _frozen_flags(model).values())) == {(False,)}
+    with torch.no_grad():
+        before = model(x)
+    r = ctl.step(0.2)  # the trial's best beats 0.1 ...
+    assert r.event == ""
+    r = ctl.step(0.2)  # ... and its plateau keeps the set and grows the next
+    assert r.event == "grow" and r.num_dendrites == 2
+    assert set(map(tuple, _frozen_flags(model).values())) == {(True, False)}
+    with torch.no_grad():
+        assert torch.equal(model(x), before)  # growth and freezing change nothing the model computes
+    # a hand-written loop over every parameter: the frozen weights get zero gradients and do not move
+    frozen = [p for layer in td.dendritic_layers(model).values() for p in layer.dendrites.frozen_unit_parameters()]
+    kept = [p.clone() for p in frozen]
+    model(x).square().mean().backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(p.grad, alpha=-0.1)
+    assert all(torch.equal(p, k) for p, k in zip(frozen, kept))
+    assert frozen
+    ctl.step(0.2)  # the second set's trial never beats 0.2: rolled back ...
+    r = ctl.step(0.2)
+    assert r.event == "retry" and r.num_dendrites == 2
+    assert set(map(tuple, _frozen_flags(model).values())) == {(True, False)}
+    ctl.step(0.2)
+    r = ctl.step(0.2)
+    assert r.done and r.num_dendrites == 1  # ... for good: the one set left trains its input weights again
+    assert set(map(tuple, _frozen_flags(model).values())) == {(False,)}
+
+
+def test_freeze_earlier_off_and_correlation_mode_leave_gd_sets_trainable():
+    model = tiny()
+    ctl = td.GrowthController(model, td.GrowthConfig(patience=1, trial_warmup=1, freeze_earlier=False))
+    assert [r.event for r in run(model, ctl, [0.1, 0.1, 0.2, 0.2])] == ["", "grow", "", "grow"]
+    assert set(map(tuple, _frozen_flags(model).values())) == {(False, False)}
+
+
+def test_an_optimizer_that_moves_frozen_sets_is_refused():
+    model = tiny()
+    ctl = td.GrowthController(model, td.GrowthConfig(patience=1, trial_warmup=1, seed=2))
+    run(model, ctl, [0.1, 0.1, 0.2, 0.2])  # two sets: the first frozen
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.5)  # decays every parameter it holds
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    before = state(model)
+    with pytest.raises(td.StateError, match="frozen input weights"):
+        ctl.step(0.3)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_frozen_sets_survive_save_and_load(tmp_path):
+    model = tiny()
+    ctl = td.GrowthController(model, td.GrowthConfig(patience=1, trial_warmup=1, seed=3))
+    run(model, ctl, [0.1, 0.1, 0.2, 0.2])
+    folder = td.save(tmp_path / "m", model, ctl)
+    fresh = td.add_dendrites(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)))
+    ctl2 = td.GrowthController(fresh, td.GrowthConfig(patience=1, trial_warmup=1, seed=3))
+    td.load(folder, fresh, ctl2)
+    assert _frozen_flags(fresh) == _frozen_flags(model) == {n: [True, False] for n in _frozen_flags(model)}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in fresh.state_dict().items())

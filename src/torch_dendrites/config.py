@@ -224,6 +224,13 @@ class GrowthConfig:
             default, 1.0, won the sweep in benchmarks/results/defaults_sweep.md (smaller scales left some
             candidates too weakly correlated to be kept).
         correlation_warning: warn about layers whose best candidate's mean |correlation| stays below this.
+        freeze_earlier: ``dendrite_training="gd"``: when the controller grows a dendrite set, the sets before it
+            stop training their input weights and cascade gains (their output gains keep training), as
+            Cascade-Correlation freezes its hidden units and correlation mode its installed dendrites. Only
+            the newest set learns new features, so the optimizer restarted after a growth cannot scramble the
+            cascade built so far (two spirals: 10 of 10 seeds solved, against 8 of 10 with every set training;
+            benchmarks/results/spirals.md). A rolled-back set thaws the one before it. Cascade dendrites only
+            (other types have no frozen state). False: every set trains for the whole run.
         seed: if set (an int in [0, 2**32)), dendrite initialisation draws from a generator seeded from it
             and the growth count, so reruns (and every rank of a distributed run) grow identical dendrites.
 
@@ -253,6 +260,7 @@ class GrowthConfig:
     candidate_pool: int = 1
     candidate_init_scale: Optional[float] = 1.0
     correlation_warning: float = 0.01
+    freeze_earlier: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in GROWTH_MODES:
@@ -290,6 +298,8 @@ class GrowthConfig:
             if self.candidate_init_scale <= 0:
                 raise ConfigError(f"candidate_init_scale={self.candidate_init_scale!r} must be > 0 or None.")
         _check_float("correlation_warning", self.correlation_warning, 0.0, 1.0)
+        if not isinstance(self.freeze_earlier, bool):
+            raise ConfigError(f"freeze_earlier={self.freeze_earlier!r} must be True or False.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

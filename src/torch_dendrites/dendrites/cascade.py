@@ -132,21 +132,24 @@ class CascadeDendrites(DendriteStack):
     def install_candidate(self, index: int) -> int:
         """Make candidate ``index`` a dendrite: input weights frozen, output gain trainable. Returns its size."""
         d = self.candidates[index]
-        for name, p in d.named_parameters():
-            p.requires_grad_(name == "out_gain")
-        d.inputs_frozen = True
         self.units.append(d)
+        self.set_inputs_frozen(len(self.units) - 1, True)
         self.clear_candidates()
         return sum(p.numel() for p in d.parameters())
 
+    def set_inputs_frozen(self, index: int, frozen: bool) -> None:
+        """Freeze (or thaw) the input weights and cascade gains of dendrite ``index``; its output gain stays
+        trainable. The flag (``inputs_frozen``) is saved with the model."""
+        d = self.units[index]
+        d.inputs_frozen = frozen
+        for name, p in d.named_parameters():
+            p.requires_grad_(name == "out_gain" or not frozen)
+
     def frozen_unit_parameters(self) -> list:
-        """The input weights of correlation-trained dendrites (frozen for good once installed)."""
+        """The frozen input weights of dendrites: correlation-trained ones, and in gd mode the sets grown before
+        the newest (``GrowthConfig.freeze_earlier``)."""
         return [
-            p
-            for d in self.units
-            if getattr(d, "inputs_frozen", False)
-            for p in d.parameters()
-            if not p.requires_grad
+            p for d in self.units if getattr(d, "inputs_frozen", False) for p in d.parameters() if not p.requires_grad
         ]
 
     # ------------------------------------------------------------- forward
@@ -155,7 +158,7 @@ class CascadeDendrites(DendriteStack):
         k, c = len(ds), self.num_neurons
         p = self._check_axis(y, neuron_axis)
         if self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            # Frozen input weights of correlation-trained dendrites get zero gradients, so that loops which
+            # Frozen input weights of dendrites get zero gradients, so that loops which
             # read every parameter's .grad (p.data.add_(p.grad, ...)) work; GrowthController.step checks
             # that no optimizer moved them (weight decay, momentum).
             for w in self.frozen_unit_parameters():

@@ -75,6 +75,8 @@ class ModelActuator:
         seed: the run's seed (every growth draws from a generator derived from it and the growth count);
             None draws from the global RNG.
         candidate_pool, candidate_init_scale, correlation_warning: the correlation settings of the config.
+        freeze_earlier: after every change of structure, only the newest dendrite set of each layer trains its
+            input weights (``GrowthConfig.freeze_earlier`` in gd mode).
     """
 
     def __init__(
@@ -84,8 +86,10 @@ class ModelActuator:
         candidate_pool: int = 1,
         candidate_init_scale: Optional[float] = None,
         correlation_warning: float = 0.01,
+        freeze_earlier: bool = False,
     ):
         self.model = model
+        self.freeze_earlier = freeze_earlier
         self.seed = seed
         self.candidate_pool = candidate_pool
         self.candidate_init_scale = candidate_init_scale
@@ -225,7 +229,21 @@ class ModelActuator:
                     )
             else:  # pragma: no cover - the transition table names no other action
                 raise StateError(f"unknown action {action!r}")
+        if self.freeze_earlier and actions:
+            self.freeze_all_but_newest()
         return notes
+
+    def freeze_all_but_newest(self) -> None:
+        """Every dendrite set but the newest of each layer keeps its input weights frozen; the newest trains them."""
+        for layer in self.layers().values():
+            d = layer.dendrites
+            if not hasattr(d, "set_inputs_frozen"):
+                continue  # a type without frozen state: every set trains
+            n = len(d.units)
+            for i, unit in enumerate(d.units):
+                if bool(getattr(unit, "inputs_frozen", False)) != (i < n - 1):
+                    d.set_inputs_frozen(i, i < n - 1)
+        self.track_frozen_units()
 
     # ------------------------------------------------------------------ optimizer traps
     def watch(self, params: List[torch.Tensor]) -> None:
@@ -244,7 +262,7 @@ class ModelActuator:
 
     # ------------------------------------------------------------------ frozen weights
     def track_frozen_units(self, now: bool = True) -> None:
-        """Remember the frozen input weights of correlation-trained dendrites (they must never move); with
+        """Remember the frozen input weights of dendrites (they must never move); with
         ``now=False`` their values are read at the next :meth:`check_frozen` (a loader copies them in later)."""
         ws = [w for layer in self.layers().values() for w in getattr(layer.dendrites, "frozen_unit_parameters", list)()]
         self._unit_sums = (ws, checksum(ws) if now else None)
@@ -256,6 +274,4 @@ class ModelActuator:
         if sums is None:
             self._unit_sums = (ws, checksum(ws))
         elif ws and checksum(ws) != sums:
-            raise StateError(
-                f"an optimizer changed the frozen input weights of correlation-trained dendrites; {FROZEN_FIX}."
-            )
+            raise StateError(f"an optimizer changed the frozen input weights of dendrites; {FROZEN_FIX}.")

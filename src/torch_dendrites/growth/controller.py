@@ -171,6 +171,7 @@ class GrowthController:
             candidate_pool=cfg.candidate_pool,
             candidate_init_scale=cfg.candidate_init_scale,
             correlation_warning=cfg.correlation_warning,
+            freeze_earlier=cfg.freeze_earlier and cfg.dendrite_training == "gd",
         )
         # A model may come with sets grown by hand: they count as the starting architecture.
         k = self.actuator.num_dendrites
@@ -203,7 +204,7 @@ class GrowthController:
         # A new actuator (not a changed one), so that undoing a failed load is putting the old one back.
         old = self.actuator
         self.actuator = ModelActuator(
-            model, old.seed, old.candidate_pool, old.candidate_init_scale, old.correlation_warning
+            model, old.seed, old.candidate_pool, old.candidate_init_scale, old.correlation_warning, old.freeze_earlier
         )
 
     # ----------------------------------------------------------------- read-only views of the state

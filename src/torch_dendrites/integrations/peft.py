@@ -204,10 +204,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
                     for key in ("weight", "bias", "out_gain", "cascade_gain"):
                         if u[key] is not None:
                             getattr(new, key).copy_(u[key])
-                if u["frozen_inputs"]:  # correlation-trained: input weights stay frozen, as before the merge
-                    new.inputs_frozen = True
-                    for n, p in new.named_parameters():
-                        p.requires_grad_(n == "out_gain")
+                if u["frozen_inputs"]:  # input weights stay frozen, as before the merge
+                    layer.dendrites.set_inputs_frozen(len(layer.dendrites.units) - 1, True)
     return unloaded
 
 

@@ -619,7 +619,7 @@ def _apply_structure(model: nn.Module, read: _Read, tx: _Transaction) -> None:
     if built != p.expected:
         problem = _compare(p.expected, {k: Entry(dt, sh, 0, 0) for k, (sh, dt) in built.items()}) or "dtype mismatch"
         raise CheckpointError(f"{read.path}: the rebuilt model differs from the planned structure: {problem}.")
-    flagged = []  # correlation-trained units: input weights frozen (requires_grad comes back with the rollback)
+    flagged = []  # units with frozen input weights (requires_grad comes back with the rollback)
 
     def undo_flags():
         for unit, old in flagged:
@@ -633,9 +633,7 @@ def _apply_structure(model: nn.Module, read: _Read, tx: _Transaction) -> None:
         for i in lp.entry["correlation_units"]:
             unit = layers[name].dendrites.units[i]
             flagged.append((unit, getattr(unit, "inputs_frozen", None)))
-            unit.inputs_frozen = True
-            for pname, param in unit.named_parameters():
-                param.requires_grad_(pname == "out_gain")
+            layers[name].dendrites.set_inputs_frozen(i, True)
     record = getattr(model, _RECORD, None)
     if record is not None and read.recipe["skipped"]:
         old_skipped = record.skipped

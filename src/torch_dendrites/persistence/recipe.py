@@ -120,7 +120,8 @@ def build(
                 "neuron_axis": layer.neuron_axis,
                 "activation": getattr(d, "activation", "sigmoid"),
                 "init_scale": float(d.init_scale),
-                # correlation-trained dendrites keep frozen input weights; candidates of a phase in progress
+                # dendrites with frozen input weights (correlation-trained, or grown before the newest in gd mode;
+                # the key's name predates the latter); candidates of a phase in progress
                 "correlation_units": [i for i, u in enumerate(d.units) if getattr(u, "inputs_frozen", False)],
                 "candidates": len(candidates_of(d)),
             }

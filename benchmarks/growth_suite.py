@@ -16,7 +16,10 @@ Tasks (each starts from a model too small for it, so dendrites have something to
 Run ``python -m benchmarks.growth_suite sweep`` (the defaults sweep: init scale x dendrite learning-rate
 scale for gd, candidate init scale x pool for correlation; >= 5 seeds each; resumable: finished runs are kept
 in ``benchmarks/results/defaults_sweep.json``), ``... table`` (``defaults_sweep.md``) and ``... spirals``
-(10 seeds with the library's defaults beside a parameter-matched plain MLP: ``spirals.md``).
+(10 seeds with the library's defaults beside a parameter-matched plain MLP: ``spirals.md``). The gd freezing
+check: ``... sweep --grid defaults --training gd --tasks parity,tabular,mnist_narrow --knobs
+'{"freeze_earlier": false}' --out benchmarks/results/freeze_sweep.json`` and again with ``true``, then ``... table
+--out benchmarks/results/freeze_sweep.json``.
 Every run uses one thread.
 """
 
@@ -260,7 +263,16 @@ def _key(task: str, training: str, knobs: Dict[str, Any], seed: int) -> str:
     return json.dumps([task, training, sorted(knobs.items()), seed])
 
 
-def sweep(tasks: List[str], seeds: int, out: Path, trainings=("gd", "correlation"), extra: Optional[dict] = None):
+def sweep(
+    tasks: List[str],
+    seeds: int,
+    out: Path,
+    trainings=("gd", "correlation"),
+    extra: Optional[dict] = None,
+    grid: str = "full",
+):
+    """Every ``task`` x ``training`` x setting x seed not yet in ``out`` (one JSON line each). ``grid="full"``:
+    the settings of GD_GRID / CORR_GRID; ``"defaults"``: the library's defaults only (with ``extra``)."""
     done = {}
     if out.exists():
         for line in out.read_text().splitlines():
@@ -268,7 +280,7 @@ def sweep(tasks: List[str], seeds: int, out: Path, trainings=("gd", "correlation
             done[_key(r["task"], r["training"], r["knobs"], r["seed"])] = r
     for task in tasks:
         for training in trainings:
-            for knobs in GD_GRID if training == "gd" else CORR_GRID:
+            for knobs in [{}] if grid == "defaults" else GD_GRID if training == "gd" else CORR_GRID:
                 knobs = {**knobs, **(extra or {})}
                 for seed in range(seeds):
                     if _key(task, training, knobs, seed) in done:
@@ -386,10 +398,12 @@ def main(argv=None):
     ap.add_argument("--training", default="gd,correlation")
     ap.add_argument("--out", type=Path, default=RESULTS / "defaults_sweep.json")
     ap.add_argument("--knobs", default="{}", help="JSON: extra knobs for every run (e.g. a trial cap)")
+    ap.add_argument("--grid", choices=["full", "defaults"], default="full", help="sweep: the grid, or defaults only")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.what == "sweep":
-        sweep(args.tasks.split(","), args.seeds, args.out, tuple(args.training.split(",")), json.loads(args.knobs))
+        trainings = tuple(args.training.split(","))
+        sweep(args.tasks.split(","), args.seeds, args.out, trainings, json.loads(args.knobs), args.grid)
     elif args.what == "table":
         print(table(args.out, args.out.with_suffix(".md")))
     elif args.what == "spirals":

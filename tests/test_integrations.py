@@ -129,7 +129,10 @@ def test_hf_trainer_callback_grows_syncs_optimizer_and_stops(tmp_path):
     class Probe(transformers.TrainerCallback):
         def on_epoch_begin(self, args, state, control, model=None, optimizer=None, **kw):
             held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-            seen.append((cb.controller.num_dendrites, all(id(p) in held for p in model.parameters())))
+            # every trainable parameter, and none of the frozen input weights of the sets before the newest
+            seen.append(
+                (cb.controller.num_dendrites, all((id(p) in held) == p.requires_grad for p in model.parameters()))
+            )
 
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), num_train_epochs=12, per_device_train_batch_size=16, eval_strategy="epoch",

@@ -61,3 +61,38 @@ def test_sync_optimizer_without_a_dendrite_group_uses_the_given_group():
     td.grow(net)
     td.sync_optimizer(opt, net, group=1)
     assert len(opt.param_groups[1]["params"]) == 8
+
+
+def test_sync_optimizer_drops_frozen_sets_so_weight_decay_never_moves_them():
+    """An AdamW with weight decay over every parameter, kept in step with td.sync_optimizer through gd growth:
+    the frozen input weights of the sets before the newest leave it, so the controller never refuses a step."""
+    torch.manual_seed(0)
+    net = td.add_dendrites(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)))
+    opt = torch.optim.AdamW(net.parameters(), lr=0.01, weight_decay=0.1)
+    ctl = td.GrowthController(net, td.GrowthConfig(mode="every", max_dendrites=3, seed=0))
+    x, y = torch.randn(16, 3), torch.randn(16, 2)
+    for epoch in range(3):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(net(x), y).backward()
+        opt.step()
+        r = ctl.step(0.1 * (epoch + 1))
+        if r.restructured:
+            td.sync_optimizer(opt, net)
+    frozen = {id(w) for layer in td.dendritic_layers(net).values() for w in layer.dendrites.frozen_unit_parameters()}
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert frozen and not frozen & held
+    assert held == {id(p) for p in net.parameters() if p.requires_grad}
+    kept = {
+        id(w): w.clone()
+        for layer in td.dendritic_layers(net).values()
+        for w in layer.dendrites.frozen_unit_parameters()
+    }
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(net(x), y).backward()
+    opt.step()
+    ctl.step(0.5)  # no StateError: nothing frozen moved
+    assert all(
+        torch.equal(w, kept[id(w)])
+        for layer in td.dendritic_layers(net).values()
+        for w in layer.dendrites.frozen_unit_parameters()
+    )

@@ -86,16 +86,17 @@ def param_groups(model: nn.Module, lr: float, dendrite_lr_scale: float = DENDRIT
 def sync_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, group: int = 0, reset_state: bool = True) -> int:
     """Update ``optimizer`` in place after a ``restructured`` step, instead of building a new one.
 
-    Parameters the model no longer has are dropped; trainable parameters the optimizer does not hold yet
-    (new dendrites) join the group marked ``"dendrites": True`` (see :func:`param_groups`) if there is one,
-    else param group ``group``, so learning-rate schedulers keep driving them; parameters
-    frozen by the controller stay in their groups (they get no gradient); each group is then kept in the model's
-    parameter order, as in an optimizer built afresh (so checkpoints of either load into the other). Where the
-    candidate groups hold both a
-    weight-decay group and a no-decay group (``weight_decay=0``), new biases and dendrite gains join the no-decay
-    one and new weight matrices the other, as in the usual "decay / no_decay" split. With ``reset_state`` (the default)
-    every per-parameter state (Adam moments, momentum) is cleared, as a freshly built optimizer would have
-    it. Works through wrappers that expose the inner optimizer as ``.optimizer`` (Accelerate, Lightning).
+    Parameters the model no longer has, and the frozen input weights of dendrites (which get zero gradients, so
+    that weight decay would move them), are dropped; trainable parameters the optimizer does not hold yet (new
+    dendrites, a thawed set) join the group marked ``"dendrites": True`` (see :func:`param_groups`) if there is
+    one, else param group ``group``, so learning-rate schedulers keep driving them; parameters frozen only for a
+    correlation candidate phase stay in their groups (they get no gradient); each group is then kept in the
+    model's parameter order, as in an optimizer built afresh (so checkpoints of either load into the other).
+    Where the candidate groups hold both a weight-decay group and a no-decay group (``weight_decay=0``), new
+    biases and dendrite gains join the no-decay one and new weight matrices the other, as in the usual
+    "decay / no_decay" split. With ``reset_state`` (the default) every per-parameter state (Adam moments,
+    momentum) is cleared, as a freshly built optimizer would have it. Works through wrappers that expose the inner
+    optimizer as ``.optimizer`` (Accelerate, Lightning).
 
     Args:
         optimizer: the optimizer to update.
@@ -131,7 +132,15 @@ def sync_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, group: in
         raise StateError(f"{type(optimizer).__name__} has no param_groups to update.")
     if not 0 <= group < len(inner.param_groups):
         raise StateError(f"group={group} is out of range: the optimizer has {len(inner.param_groups)} param groups.")
-    present = {id(p) for p in model.parameters()}
+    # Frozen input weights of dendrites (correlation-trained, or gd sets before the newest) leave the optimizer:
+    # they get zero gradients in training (for loops that read every .grad), which weight decay would turn into
+    # movement. A set that thaws (rolled back to the newest) is trainable again and rejoins below as new.
+    frozen_units = {
+        id(w)
+        for layer in dendritic_layers(model).values()
+        for w in getattr(layer.dendrites, "frozen_unit_parameters", list)()
+    }
+    present = {id(p) for p in model.parameters() if id(p) not in frozen_units}
     held = set()
     for g in inner.param_groups:
         g["params"] = [p for p in g["params"] if id(p) in present]

@@ -229,8 +229,9 @@ class GrowthConfig:
             Cascade-Correlation freezes its hidden units and correlation mode its installed dendrites. Only
             the newest set learns new features, so the optimizer restarted after a growth cannot scramble the
             cascade built so far (two spirals: 10 of 10 seeds solved, against 8 of 10 with every set training;
-            benchmarks/results/spirals.md). A rolled-back set thaws the one before it. Cascade dendrites only
-            (other types have no frozen state). False: every set trains for the whole run.
+            benchmarks/results/spirals.md). A rolled-back set thaws the one before it (the rule is structural:
+            under gd growth the newest set of a layer trains its inputs, whichever mode installed it). Cascade
+            dendrites only (other types have no frozen state). False: every set trains for the whole run.
         seed: if set (an int in [0, 2**32)), dendrite initialisation draws from a generator seeded from it
             and the growth count, so reruns (and every rank of a distributed run) grow identical dendrites.
 

@@ -16,7 +16,9 @@ OUT=benchmarks/results/gpu
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 QUICK=""
-if [ "$DEVICE" = "cpu" ]; then QUICK="--rounds 2 --repeats 3 --steps 1"; fi
+# On the CPU: quick sizes, and every repeat in one process as on a GPU (a child process per repeat would
+# compile the cascade kernel again each time: over 15 minutes).
+if [ "$DEVICE" = "cpu" ]; then QUICK="--rounds 2 --repeats 3 --steps 1 --in-process"; fi
 if [ "$DEVICE" != "cpu" ]; then
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: use --device cpu for a dry run')"
 fi

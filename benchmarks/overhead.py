@@ -81,29 +81,40 @@ def step_flops(model, x, y, loss_fn) -> int:
     return counter.get_total_flops()
 
 
-def variants(base: nn.Module, max_k: int, kernel: str = "auto"):
-    out = {"plain": copy.deepcopy(base)}
-    cfg = td.DendriteConfig(dendrite_options={"kernel": kernel})
-    for k in range(max_k + 1):
-        m = td.add_dendrites(copy.deepcopy(base), cfg)
-        g = torch.Generator().manual_seed(k)
-        for _ in range(k):
-            td.grow(m, g)
-        # Non-zero gains, as after training (zero gains would not change the work done anyway).
-        for layer in td.dendritic_layers(m).values():
-            for u in layer.dendrites.units:
-                nn.init.normal_(u.out_gain, std=0.1)
-        out[f"{k} dendrites"] = m
-    # A correlation candidate phase: the model frozen, one candidate per layer trained through the tap.
-    for k in (0, 1):
-        m = copy.deepcopy(out[f"{k} dendrites"])
+MAX_K = 3
+# Every timed variant of a workload: k installed dendrite sets, and a correlation candidate phase (the model
+# frozen, one candidate per layer trained through the tap) over 0 or 1 installed sets.
+VARIANTS = tuple(f"{k} dendrites" for k in range(MAX_K + 1)) + tuple(f"{k} dendrites + 1 candidate" for k in (0, 1))
+
+
+def build_variant(base: nn.Module, variant: str, kernel: str = "auto") -> nn.Module:
+    """A copy of ``base`` as ``variant`` (one of ``VARIANTS``, or ``"plain"``): the same seeded dendrites in
+    every process, whichever other variants it builds."""
+    if variant == "plain":
+        return copy.deepcopy(base)
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}: choose from {('plain',) + VARIANTS}")
+    k, candidate = int(variant.split()[0]), variant.endswith("candidate")
+    m = td.add_dendrites(copy.deepcopy(base), td.DendriteConfig(dendrite_options={"kernel": kernel}))
+    g = torch.Generator().manual_seed(k)
+    for _ in range(k):
+        td.grow(m, g)
+    # Non-zero gains, as after training (zero gains would not change the work done anyway).
+    for layer in td.dendritic_layers(m).values():
+        for u in layer.dendrites.units:
+            nn.init.normal_(u.out_gain, std=0.1, generator=g)
+    if candidate:
         for layer in td.dendritic_layers(m).values():
             layer.dendrites.add_candidates(1, torch.Generator().manual_seed(10 + k))
         cand = {id(p) for layer in td.dendritic_layers(m).values() for p in layer.dendrites.candidates.parameters()}
         for p in m.parameters():
             p.requires_grad_(id(p) in cand)
-        out[f"{k} dendrites + 1 candidate"] = m
-    return out
+    return m
+
+
+def variants(base: nn.Module, kernel: str = "auto") -> dict:
+    """``{"plain": ..., variant: model}`` for every one of ``VARIANTS``."""
+    return {name: build_variant(base, name, kernel) for name in ("plain",) + VARIANTS}
 
 
 def peak_memory(model, x, y, loss_fn, precision: str) -> float:
@@ -119,9 +130,6 @@ def peak_memory(model, x, y, loss_fn, precision: str) -> float:
         step()
     torch.cuda.synchronize()
     return float(torch.cuda.max_memory_allocated() - before)
-
-
-MAX_K = 3
 
 
 def workload(model: str, device: torch.device):
@@ -141,9 +149,8 @@ def time_pair(
     steps include compiling the cascade kernel where ``kernel`` chooses the compiled one)."""
     timing.pin_threads()
     _, base, x, y, loss_fn = workload(model, torch.device(device))
-    models = variants(base, MAX_K, kernel)
-    fns = {"plain": make_step(models["plain"], x, y, loss_fn, precision),
-           "variant": make_step(models[variant], x, y, loss_fn, precision)}  # fmt: skip
+    fns = {"plain": make_step(build_variant(base, "plain"), x, y, loss_fn, precision),
+           "variant": make_step(build_variant(base, variant, kernel), x, y, loss_fn, precision)}  # fmt: skip
     med = timing.interleaved(fns, rounds, steps, device=torch.device(device))
     return med["variant"] / med["plain"]
 
@@ -166,11 +173,36 @@ def _child_ratio(spec: list, allocator: str = "default") -> float:
         return json.loads(out.read_text())["ratio"]
 
 
+def pair_spreads(
+    model: str,
+    names,
+    precision: str = "fp32",
+    device="cpu",
+    rounds: int = timing.ROUNDS,
+    steps: int = timing.STEPS,
+    repeats: int = timing.REPEATS,
+    kernel: str = "auto",
+    in_process: bool = False,
+    allocator: str = "default",
+) -> dict:
+    """The one measurement behind every step-time ratio of torch-dendrites (this table and ``speed.py``'s):
+    ``{variant: Spread}`` of each variant's step time over the plain model's (:func:`time_pair`), over
+    ``repeats`` repeats. On the CPU each repeat runs in a fresh child process; on an accelerator (or with
+    ``in_process``) in this one (a child each would pay the CUDA start-up every time). The repeats are the
+    outer loop, so that a change in the machine's load during the run hits every variant alike."""
+    values: dict = {name: [] for name in names}
+    for _ in range(repeats):
+        for name in names:
+            spec = [model, name, precision, str(device), rounds, steps, kernel]
+            values[name].append(time_pair(*spec) if in_process else _child_ratio(spec, allocator))
+    return {name: timing.spread(v) for name, v in values.items()}
+
+
 def bench_model(
     model,
-    rounds,
-    steps,
-    repeats=3,
+    rounds=timing.ROUNDS,
+    steps=timing.STEPS,
+    repeats=timing.REPEATS,
     precision="fp32",
     memory=False,
     device="cpu",
@@ -179,21 +211,9 @@ def bench_model(
     kernel="auto",
 ):
     name, base, x, y, loss_fn = workload(model, torch.device(device))
-    models = variants(base, MAX_K, kernel)
+    models = variants(base, kernel)
     flops = {k: step_flops(m, x, y, loss_fn) for k, m in models.items()}
-
-    # Each variant is timed in a pair with the plain model, each repeat in a fresh child process (as speed.py
-    # does); on an accelerator in this process (a child each would pay the CUDA start-up every time).
-    spreads = {}
-    for k in models:
-        if k == "plain":
-            continue
-        spec = [model, k, precision, str(device), rounds, steps, kernel]
-        if in_process:
-            values = [time_pair(*spec) for _ in range(repeats)]
-        else:
-            values = [_child_ratio(spec, allocator) for _ in range(repeats)]
-        spreads[k] = timing.spread(values)
+    spreads = pair_spreads(model, VARIANTS, precision, device, rounds, steps, repeats, kernel, in_process, allocator)
     mem = {k: peak_memory(copy.deepcopy(m), x, y, loss_fn, precision) for k, m in models.items()} if memory else {}
     rows = []
     for k in models:
@@ -240,9 +260,9 @@ def bench_controller(rounds: int):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=5, help="training steps per timed block")
+    ap.add_argument("--rounds", type=int, default=timing.ROUNDS)
+    ap.add_argument("--repeats", type=int, default=timing.REPEATS)
+    ap.add_argument("--steps", type=int, default=timing.STEPS, help="training steps per timed block")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16, fp16")
     ap.add_argument("--memory", action="store_true", help="also the peak memory of a step (CUDA only)")
@@ -305,6 +325,13 @@ def main(argv=None):
     if not args.quick:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
+        # Every repeat's ratio, for benchmarks/agreement.py (which compares two runs of the harness).
+        measured = [{"model": name, "variant": k, "precision": precision, "ratio": sp.to_json(), "flop_ideal": ideal}
+                    for name, k, precision, sp, ideal, _, _ in rows]  # fmt: skip
+        meta = {"torch": torch.__version__, "device": where, "threads": threads, "kernel": args.kernel,
+                "rounds": rounds, "steps": steps, "repeats": repeats, "allocator": args.allocator,
+                "in_process": in_process}  # fmt: skip
+        args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": measured}, indent=1) + "\n")
     return 0
 
 

@@ -21,7 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import timing
-from benchmarks.overhead import MAX_K, kernel_note, make_step, step_flops, variants, workload
+from benchmarks.overhead import kernel_note, make_step, step_flops, variants, workload
 from torch_dendrites.dendrites.kernel import KERNELS
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -54,7 +54,7 @@ def split(step, steps: int, warmup: int = 3) -> Tuple[float, float, Dict[str, fl
 
 def profile_model(model: str, steps: int, repeats: int, kernel: str = "auto") -> List[dict]:
     name, base, x, y, loss_fn = workload(model, torch.device("cpu"))
-    models = variants(base, MAX_K, kernel)
+    models = variants(base, kernel)
     flops = {k: step_flops(m, x, y, loss_fn) for k, m in models.items()}
     rows = []
     per: Dict[str, List[Tuple[float, float, Dict[str, float]]]] = {k: [] for k in models}
@@ -106,8 +106,8 @@ def table(rows: List[dict], steps: int, repeats: int, kernel: str = "auto") -> s
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="one repeat of 2 steps, nothing written")
     ap.add_argument("--out", type=Path, default=RESULTS / "profile_overhead.md")
     ap.add_argument("--kernel", choices=list(KERNELS), default="auto", help="the cascade kernel (as in overhead.py)")

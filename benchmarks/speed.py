@@ -2,7 +2,9 @@
 
 For k = 0..3 dendrite sets on the MNIST example CNN (half-width convolutions, batch 64): training step time
 relative to the plain model (the one harness, ``benchmarks/timing.py``: interleaved rounds in one child process
-per repeat, median and interquartile range over the repeats), peak resident memory relative to plain (each
+per repeat, median and interquartile range over the repeats; torch-dendrites' rows are the very measurement of
+``overhead.py``'s CNN rows, :func:`benchmarks.overhead.pair_spreads`, so the two tables are two runs of it and
+``benchmarks/agreement.py`` checks that they agree), peak resident memory relative to plain (each
 variant in its own process), per-epoch bookkeeping (our ``controller.step`` vs the peer's
 ``add_validation_score``), and the time to convert a GPT-2-124M-shaped model (built from a config).
 
@@ -25,9 +27,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks import peer, timing
+from benchmarks import overhead, peer, timing
 from benchmarks.models import MnistNet, n_params
-from benchmarks.overhead import make_step
+from benchmarks.overhead import build_variant, make_step, workload
 from benchmarks.spawn import child_env, module_command
 
 HERE = Path(__file__).resolve().parent
@@ -55,13 +57,8 @@ def peer_model(k: int, switch_every: bool = True):
 
 
 def ours_model(k: int):
-    import torch_dendrites as td
-
-    model = td.add_dendrites(cnn())
-    g = torch.Generator().manual_seed(0)
-    for _ in range(k):
-        td.grow(model, g)
-    return model
+    """The model ``overhead.py`` times as ``"{k} dendrites"`` on the CNN."""
+    return build_variant(cnn(), f"{k} dendrites")
 
 
 def step_fn(model, x, y):
@@ -70,10 +67,10 @@ def step_fn(model, x, y):
 
 
 def child(lib: str, k: int, rounds: int, steps: int, mode: str) -> dict:
-    """Runs in a subprocess: time (plain vs variant, interleaved) or peak memory of one variant."""
+    """Runs in a subprocess: time (the peer's variant vs plain, interleaved, as ``overhead.time_pair`` times
+    ours) or peak memory of one variant."""
     timing.pin_threads()
-    torch.manual_seed(0)
-    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    _, _, x, y, _ = workload("cnn", torch.device("cpu"))
     if mode == "memory":
         model = cnn() if lib == "plain" else (ours_model(k) if lib == "ours" else peer_model(k)[0])
         fn = step_fn(model, x, y)
@@ -82,7 +79,9 @@ def child(lib: str, k: int, rounds: int, steps: int, mode: str) -> dict:
         return {"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
     if mode == "bookkeeping":
         return _bookkeeping(lib, ours_model(0) if lib == "ours" else peer_model(0, switch_every=False)[0])
-    variant = ours_model(k) if lib == "ours" else peer_model(k)[0]
+    if lib != "peer":
+        raise ValueError("torch-dendrites' step times come from overhead.pair_spreads")
+    variant = peer_model(k)[0]
     med = timing.interleaved({"plain": step_fn(cnn(), x, y), "variant": step_fn(variant, x, y)}, rounds, steps)
     return {"ratio": med["variant"] / med["plain"], "params": n_params(variant)}
 
@@ -148,14 +147,15 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--child", default=None)
     ap.add_argument("--child-out", default=None)
-    ap.add_argument("--repeats", type=int, default=3, help="independent child processes per timed variant")
+    ap.add_argument("--repeats", type=int, default=timing.REPEATS, help="independent child processes per timed variant")
     args = ap.parse_args(argv)
     if args.child:
         spec = json.loads(args.child)
         res = convert_gpt2() if spec[0] == "gpt2" else child(*spec)
         Path(args.child_out).write_text(json.dumps(res))
         return 0
-    rounds, steps = (3, 2) if args.quick else (11, 5)
+    rounds, steps = (3, 2) if args.quick else (timing.ROUNDS, timing.STEPS)
+    repeats = 2 if args.quick else args.repeats
     ks = [0, 1] if args.quick else [0, 1, 2, 3]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -167,13 +167,21 @@ def main(argv=None):
             return res
 
         plain_mem = run(["plain", 0, 0, 3 if args.quick else 10, "memory"]).get("maxrss_kb")
+        ours = overhead.pair_spreads("cnn", [f"{k} dendrites" for k in ks], rounds=rounds, steps=steps, repeats=repeats)
+        peer_reps: dict = {k: [] for k in ks}
+        for _ in range(repeats):  # repeats outer, as pair_spreads does
+            for k in ks:
+                peer_reps[k].append(run(["peer", k, rounds, steps, "time"]))
         for k in ks:
             for lib in ("ours", "peer"):
-                reps = [run([lib, k, rounds, steps, "time"]) for _ in range(2 if args.quick else args.repeats)]
-                failed = [r for r in reps if "error" in r]
-                t = dict(failed[0]) if failed else {"params": reps[0]["params"]}
-                if not failed:
-                    t["ratio"] = timing.spread([r["ratio"] for r in reps])
+                if lib == "ours":
+                    t = {"params": n_params(ours_model(k)), "ratio": ours[f"{k} dendrites"]}
+                else:
+                    reps = peer_reps[k]
+                    failed = [r for r in reps if "error" in r]
+                    t = dict(failed[0]) if failed else {"params": reps[0]["params"]}
+                    if not failed:
+                        t["ratio"] = timing.spread([r["ratio"] for r in reps])
                 if k == 0:
                     t.update(run([lib, 0, 0, 0, "bookkeeping"]))
                 m = run([lib, k, 0, 3 if args.quick else 10, "memory"])
@@ -183,8 +191,9 @@ def main(argv=None):
     lines = [
         f"torch {torch.__version__}, {timing.pin_threads()} thread(s) per process, MNIST example CNN (convs 16-32, "
         f"fc 128), batch 64; step time / plain: median (interquartile range) over "
-        f"{2 if args.quick else args.repeats} child processes, each the median of {rounds} interleaved rounds "
-        "against plain PyTorch in the same process (`benchmarks/timing.py`).",
+        f"{repeats} child processes, each the median of {rounds} interleaved rounds of {steps} steps "
+        "against plain PyTorch in the same process (`benchmarks/timing.py`); torch-dendrites' rows are the "
+        "measurement of `overhead.md`'s CNN rows, run again (`benchmarks/agreement.py` compares the two).",
         "",
         "| library | dendrite sets | parameters | step time / plain | peak RSS / plain | bookkeeping per epoch |",
         "|---|---:|---:|---:|---:|---:|",
@@ -212,6 +221,14 @@ def main(argv=None):
     if not args.quick:
         (HERE / "results").mkdir(exist_ok=True)
         (HERE / "results" / "speed.md").write_text(text + "\n")
+        # torch-dendrites' rows in overhead.json's form, for benchmarks/agreement.py.
+        name = workload("cnn", torch.device("cpu"))[0]
+        measured = [{"model": name, "variant": f"{k} dendrites", "precision": "fp32", "ratio": t["ratio"].to_json()}
+                    for lib, k, t, _ in rows if lib == "ours"]  # fmt: skip
+        meta = {"torch": torch.__version__, "threads": timing.pin_threads(), "rounds": rounds, "steps": steps,
+                "repeats": repeats, "peer": {str(k): t["ratio"].to_json() for lib, k, t, _ in rows
+                                             if lib == "peer" and "ratio" in t}}  # fmt: skip
+        (HERE / "results" / "speed.json").write_text(json.dumps({"meta": meta, "rows": measured}, indent=1) + "\n")
     return 0
 
 

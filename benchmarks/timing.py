@@ -6,6 +6,9 @@ CPU clocking down) hit every variant alike. Each function is warmed up first, th
 process (``pin_threads``), CUDA work is synchronised around every timed block, and a **repeat** builds fresh
 models and times them again. Ratios to a reference function are taken per repeat (median over rounds), and a
 table reports the median and interquartile range of the ratio over at least 3 repeats: ``1.80x (1.76-1.83)``.
+Every CPU table uses the same sizes (``ROUNDS``, ``STEPS``, ``REPEATS``), so that two tables timing the same
+variant are two runs of one measurement; two runs **agree** when their interquartile ranges overlap
+(:func:`agree`, what ``benchmarks/agreement.py`` checks).
 
 Example:
     >>> from benchmarks.timing import spread
@@ -23,7 +26,11 @@ from typing import Callable, Dict, Mapping, Sequence, Tuple
 
 import torch
 
-__all__ = ["Spread", "interleaved", "pin_threads", "ratios", "spread"]
+__all__ = ["REPEATS", "ROUNDS", "STEPS", "Spread", "agree", "interleaved", "pin_threads", "ratios", "spread"]
+
+# The sizes of every CPU speed table: independent repeats (one child process each), interleaved rounds per
+# repeat, training steps per timed block.
+REPEATS, ROUNDS, STEPS = 5, 15, 5
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,18 @@ class Spread:
 
     def __str__(self) -> str:
         return f"{self.median:.2f}x ({self.q1:.2f}-{self.q3:.2f})"
+
+    def to_json(self) -> dict:
+        return {"median": self.median, "q1": self.q1, "q3": self.q3, "values": list(self.values)}
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> Spread:
+        return spread(d["values"])
+
+
+def agree(a: Spread, b: Spread) -> bool:
+    """Whether two runs of one measurement agree within their spreads: their interquartile ranges overlap."""
+    return a.q1 <= b.q3 and b.q1 <= a.q3
 
 
 def spread(values: Sequence[float]) -> Spread:
@@ -89,9 +108,9 @@ def interleaved(
 def ratios(
     make: Callable[[], Mapping[str, Callable[[], None]]],
     reference: str,
-    repeats: int = 3,
-    rounds: int = 11,
-    steps: int = 5,
+    repeats: int = REPEATS,
+    rounds: int = ROUNDS,
+    steps: int = STEPS,
     warmup: int = 3,
     device="cpu",
 ) -> Dict[str, Spread]:

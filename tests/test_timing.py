@@ -98,3 +98,19 @@ def test_a_variant_is_the_same_model_whichever_variants_a_process_builds():
     ]
     with pytest.raises(ValueError, match="unknown variant"):
         overhead.build_variant(base, "4 dendrites")
+
+
+def test_pair_spreads_runs_the_repeats_as_the_outer_loop_and_children_on_the_cpu(monkeypatch):
+    from benchmarks import overhead
+
+    calls = []
+    monkeypatch.setattr(
+        overhead, "_child_ratio", lambda spec, allocator="default": calls.append(("child", spec[1])) or 2.0
+    )
+    monkeypatch.setattr(overhead, "time_pair", lambda *spec: calls.append(("here", spec[1])) or 3.0)
+    out = overhead.pair_spreads("cnn", ["1 dendrites", "2 dendrites"], repeats=2)
+    assert calls == [("child", "1 dendrites"), ("child", "2 dendrites")] * 2
+    assert out["1 dendrites"].values == (2.0, 2.0)
+    calls.clear()
+    overhead.pair_spreads("cnn", ["1 dendrites"], repeats=3, in_process=True)
+    assert calls == [("here", "1 dendrites")] * 3

@@ -170,20 +170,25 @@ class CascadeDendrites(DendriteStack):
             a = self.spec.batched_forward(self._base[0], params, *args, **kwargs)
             if a.shape[p] != k * c:
                 raise StateError(f"the layer spec returned {a.shape[p]} channels for {k} dendrites of {c} neurons.")
-            # One dtype for the elementwise cascade: the layer output's (bf16 under autocast, say).
+            # One dtype for the elementwise cascade: the layer output's (bf16 under autocast, say). (Each op
+            # skipped where it does nothing: a small layer's step pays for every Python-level call.)
             dt = y.dtype
-            a = a.to(dt)
-            v = torch.stack([d.out_gain for d in ds]).to(dt)  # [k, C]
+            if a.dtype != dt:
+                a = a.to(dt)
+            v = ds[0].out_gain.unsqueeze(0) if k == 1 else torch.stack([d.out_gain for d in ds])  # [k, C]
+            if v.dtype != dt:
+                v = v.to(dt)
             u = [d.cascade_gain.to(dt) for d in ds[1:]]  # u[i-1]: [i, C]
+            a = a.view(a.shape[:p] + (k, c) + a.shape[p + 1 :])  # splitting one axis is always a view
             if _tracing():
                 # Traced code (torch.compile, torch.export, ONNX export, torch.jit.trace) gets plain ops, which
                 # compilers fuse and exporters know; the hand-written backward's in-place `out=` writes into
                 # slices do not trace, and a Python autograd Function has no ONNX symbolic.
-                out, s = _cascade_reference(a.unflatten(p, (k, c)), y, v, p, self.activation, u)
+                out, s = _cascade_reference(a, y, v, p, self.activation, u)
             elif len(self.candidates):
-                out, s = self.kernel(a.unflatten(p, (k, c)), y, v, p, self.activation, True, u)
+                out, s = self.kernel(a, y, v, p, self.activation, True, u)
             else:  # s only feeds candidates: not returning it saves autograd work on every step
-                out = self.kernel(a.unflatten(p, (k, c)), y, v, p, self.activation, False, u)
+                out = self.kernel(a, y, v, p, self.activation, False, u)
         if len(self.candidates) and self.training and torch.is_grad_enabled():
             out = candidate_tap(self, out, s, p, args, kwargs)
         return out

@@ -205,7 +205,14 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     framework, out = sys.argv[1], Path(sys.argv[2])
-    if framework == "ddp":
-        run_ddp(out, rebuild="--no-rebuild" not in sys.argv)
-    else:
-        {"accelerate": run_accelerate, "lightning": run_lightning, "hf": run_hf}[framework](out)
+    try:
+        if framework == "ddp":
+            run_ddp(out, rebuild="--no-rebuild" not in sys.argv)
+        else:
+            {"accelerate": run_accelerate, "lightning": run_lightning, "hf": run_hf}[framework](out)
+    finally:
+        # Without this, gloo's worker threads can outlive the interpreter's teardown and the process aborts
+        # at exit ("terminate called without an active exception", pytorch/pytorch#190489): a rare failure
+        # after the run itself has finished and written its results.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from benchmarks import timing
@@ -68,9 +70,58 @@ def test_agreement_compares_the_rows_two_runs_share(tmp_path):
     text = out.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| cnn")]
     assert len(rows) == 2  # the mlp row is in one run only
-    assert rows[0].endswith("| yes |") and "+4.8 %" in rows[0]
-    assert rows[1].endswith("| NO |")
-    assert "1 of 2 shared rows agree." in text
+    assert rows[0].endswith("| yes | 0.500 |") and "+4.8 %" in rows[0]  # ties share their mean rank
+    assert rows[1].endswith("| NO | 0.100 |")  # 3 against 3 all apart: 2 of the 20 splits are as extreme
+    assert "1 of 2 shared rows agree (interquartile ranges overlap)." in text  # no chance rate for 3 repeats
+    assert "0 of 2 rows differ at p < 0.05 in the rank test (at most 0.1 expected by chance)." in text
+
+
+def test_agreement_sets_the_counts_against_what_chance_gives_for_five_repeats(tmp_path):
+    from benchmarks import agreement
+
+    a = _results(tmp_path / "a.json", [("cnn", "1 dendrites", [1.0, 1.1, 1.2, 1.3, 1.4])])
+    b = _results(tmp_path / "b.json", [("cnn", "1 dendrites", [2.0, 2.1, 2.2, 2.3, 2.4])])
+    out = tmp_path / "agreement.md"
+    agreement.main([str(a), str(b), "--out", str(out)])
+    text = out.read_text()
+    assert "| NO | 0.008 |" in text  # 2 of 252 splits are as extreme
+    assert "with 5 repeats each fail to overlap on 20.6 % of rows by chance alone (exact)" in text
+    assert "1 of 1 rows differ at p < 0.05" in text
+
+
+def _non_overlap_by_order_statistics(n: int) -> float:
+    # Independent of spread()/agree(): with n = 4j + 1 the inclusive quartiles are the (j+1)-th and (3j+1)-th
+    # smallest values, and two ranges fail to overlap when one's upper quartile is below the other's lower one.
+    j = (n - 1) // 4
+    total = misses = 0
+    for picked in itertools.combinations(range(2 * n), n):
+        a, b = sorted(picked), sorted(set(range(2 * n)) - set(picked))
+        total += 1
+        misses += a[3 * j] < b[j] or b[3 * j] < a[j]
+    return misses / total
+
+
+def test_the_chance_of_disagreeing_is_exact_for_quartiles_that_are_order_statistics():
+    assert timing.disagreement_rate(5) == pytest.approx(_non_overlap_by_order_statistics(5)) == pytest.approx(52 / 252)
+    assert timing.disagreement_rate(9) == pytest.approx(_non_overlap_by_order_statistics(9))
+    assert timing.disagreement_rate(9) < 0.06 < 0.2 < timing.disagreement_rate(5)
+    for n in (3, 4, 6, 7):
+        with pytest.raises(ValueError, match="order statistics"):
+            timing.disagreement_rate(n)
+
+
+def test_rank_test_is_the_exact_two_sided_mann_whitney_test():
+    assert timing.rank_test([1, 2, 3, 4, 5], [6, 7, 8, 9, 10]) == pytest.approx(2 / 252)
+    assert timing.rank_test([6, 7, 8, 9, 10], [1, 2, 3, 4, 5]) == pytest.approx(2 / 252)  # two-sided
+    assert timing.rank_test([1.0, 2.0], [1.0, 2.0]) == 1.0
+    a, b = [2.02, 2.12, 1.98, 2.31, 2.2], [2.18, 2.08, 2.2, 2.21, 2.05]  # a tie (2.2) gets its mean rank
+    assert 0.0 < timing.rank_test(a, b) == timing.rank_test(b, a) <= 1.0
+    with pytest.raises(ValueError, match="at least one value"):
+        timing.rank_test([], [1.0])
+    stats = pytest.importorskip("scipy.stats")
+    a, b = [1.01, 0.97, 1.12, 1.05, 0.99], [1.08, 1.15, 1.02, 1.2, 1.11]
+    want = stats.mannwhitneyu(a, b, alternative="two-sided", method="exact").pvalue
+    assert timing.rank_test(a, b) == pytest.approx(want)
 
 
 def test_agreement_refuses_files_that_share_nothing(tmp_path):

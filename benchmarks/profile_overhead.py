@@ -32,7 +32,7 @@ from benchmarks.overhead import (
     variants,
     workload,
 )
-from torch_dendrites.dendrites.kernel import KERNELS
+from torch_dendrites.dendrites.kernel import KERNELS, CascadeKernel
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GEMM = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")
@@ -129,6 +129,88 @@ def fixed_table(costs: Dict[Tuple[str, str], float], full_plain_ms: float, ideal
     return lines
 
 
+def cascade_bytes(k: int, n: int, c: int) -> int:
+    """The fewest bytes one training step's cascade over ``k`` dendrites of ``[n, c]`` can move in fp32: the
+    forward reads the pre-activations (``k`` tensors of ``[n, c]``) and the layer output, writes the new output
+    and the activations it keeps for the backward; the backward reads the output's gradient and those
+    activations and writes the pre-activations' gradient (the gain reductions can ride along). ``4k + 3``
+    tensors of ``[n, c]``."""
+    return (4 * k + 3) * n * c * 4
+
+
+def _cascade_and_copy(k: int, n: int, c: int, g: torch.Generator) -> Tuple[Dict[str, object], str]:
+    """Step functions: one layer's cascade forward and backward, and a copy of its fewest bytes; and the kernel
+    that the cascade runs."""
+    a = torch.randn(n, k, c, generator=g).requires_grad_()
+    y = torch.randn(n, c, generator=g).requires_grad_()
+    v = (0.1 * torch.randn(k, c, generator=g)).requires_grad_()
+    u = [(0.1 * torch.randn(i, c, generator=g)).requires_grad_() for i in range(1, k)]
+    grad = torch.randn(n, c, generator=g)
+    kernel = CascadeKernel("auto")
+    src = torch.randn(cascade_bytes(k, n, c) // 8)  # a copy reads half the bytes and writes the other half
+    dst = torch.empty_like(src)
+    # The activation's own arithmetic, which no kernel avoids: the sigmoid of every pre-activation and its
+    # backward (ATen's vectorised loops, into buffers that exist already).
+    z, s, gs = torch.randn(n, k, c, generator=g), torch.empty(n, k, c), torch.empty(n, k, c)
+    gz = torch.randn(n, k, c, generator=g)
+
+    def activation():
+        torch.sigmoid(z, out=s)
+        torch.ops.aten.sigmoid_backward.grad_input(gz, s, grad_input=gs)
+
+    def cascade():
+        for t in (a, y, v, *u):
+            t.grad = None
+        kernel(a, y, v, 1, "sigmoid", False, u).backward(grad)
+
+    fns = {"cascade": cascade, "copy": lambda: dst.copy_(src), "activation": activation}
+    return fns, "compiled" if kernel.use_compiled(a) else "eager"
+
+
+def bandwidth(ks=(1, 2, 3), n: int = 1024, c: int = 256, rounds: int = 15, steps: int = 5) -> List[dict]:
+    """The cascade kernel alone (``"auto"``, as a layer of the Linear stack runs it: ``n`` = 16 x 64 tokens,
+    ``c`` = 256 neurons), forward and backward, against a plain copy that moves its fewest bytes
+    (:func:`cascade_bytes`), interleaved: how close the elementwise work that the FLOP count leaves out runs to
+    the memory bandwidth of this thread."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for k in ks:
+        fns, kernel = _cascade_and_copy(k, n, c, g)
+        med = timing.interleaved(fns, rounds, steps)
+        rows.append({"k": k, "kernel": kernel, "bytes": cascade_bytes(k, n, c),
+                     "cascade_ms": med["cascade"] * 1e3, "copy_ms": med["copy"] * 1e3,
+                     "activation_ms": med["activation"] * 1e3})  # fmt: skip
+    return rows
+
+
+def bandwidth_table(rows: List[dict], full_plain_ms: float, ideals: Dict[str, float], layers: int = 4) -> List[str]:
+    lines = [
+        "",
+        "## The cascade against memory bandwidth",
+        "",
+        "One layer's cascade (the Linear stack's: 16 x 64 tokens, 256 neurons) alone, forward and backward, with the "
+        "kernel `auto` picks, interleaved with a plain copy of the fewest bytes it can move "
+        "(`cascade_bytes`: the pre-activations and output in, the activations out for the backward, the "
+        "gradients back: 4k + 3 tensors of [1024, 256] in fp32) and with the sigmoid's own forward and backward "
+        "over the pre-activations (ATen, into existing buffers): no kernel can take less than about the larger "
+        "of the two, nor need more than their sum plus a little. The FLOP count sees none of this work; four "
+        "layers' cascade, set against the full-width step's FLOP ideal, is the share of the step that it takes.",
+        "",
+        "| dendrite sets | kernel | fewest bytes | cascade ms | copy of those bytes ms | sigmoid fwd+bwd ms "
+        "| cascade / (copy + sigmoid) | 4 layers' cascade, share of the ideal step |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ideal_ms = ideals[f"{r['k']} dendrites"] * full_plain_ms
+        share = 100 * layers * r["cascade_ms"] / ideal_ms
+        floor = r["copy_ms"] + r["activation_ms"]
+        lines.append(
+            f"| {r['k']} | {r['kernel']} | {r['bytes'] / 2**20:.1f} MiB | {r['cascade_ms']:.2f} | {r['copy_ms']:.2f} "
+            f"| {r['activation_ms']:.2f} | {r['cascade_ms'] / floor:.2f} | {share:.1f} % |"
+        )
+    return lines
+
+
 def table(rows: List[dict], steps: int, repeats: int, kernel: str = "auto") -> str:
     lines = [
         "# Where the time above the FLOP ideal goes",
@@ -169,6 +251,9 @@ def main(argv=None) -> int:
     costs, full_plain_ms = fixed_costs(*((2, 2) if args.quick else (15, 20)))
     ideals = {r["variant"]: r["ideal"] for r in rows if r["model"].startswith("Linear")}
     text += "\n".join(fixed_table(costs, full_plain_ms, ideals)) + "\n"
+    rounds_steps = (2, 1) if args.quick else (15, 5)
+    text += "\n".join(bandwidth_table(bandwidth(rounds=rounds_steps[0], steps=rounds_steps[1]), full_plain_ms, ideals))
+    text += "\n"
     print(text)
     if not args.quick:
         args.out.write_text(text)

@@ -165,3 +165,17 @@ def test_pair_spreads_runs_the_repeats_as_the_outer_loop_and_children_on_the_cpu
     calls.clear()
     overhead.pair_spreads("cnn", ["1 dendrites"], repeats=3, in_process=True)
     assert calls == [("here", "1 dendrites")] * 3
+
+
+def test_the_cascade_bandwidth_table_times_the_kernel_against_its_floor():
+    from benchmarks import profile_overhead as po
+
+    assert po.cascade_bytes(2, 1024, 256) == 11 * 1024 * 256 * 4  # 4k + 3 fp32 tensors of [n, c]
+    rows = po.bandwidth(ks=(1,), n=16, c=8, rounds=2, steps=1)
+    assert [(r["k"], r["kernel"]) for r in rows] == [(1, "eager")]  # below AUTO_MIN_ELEMENTS: eager
+    assert all(r[key] > 0 for r in rows for key in ("cascade_ms", "copy_ms", "activation_ms"))
+    lines = po.bandwidth_table(rows, full_plain_ms=10.0, ideals={"1 dendrites": 2.0})
+    row = lines[-1].split(" | ")
+    assert row[:3] == ["| 1", "eager", "0.0 MiB"]
+    share = 100 * 4 * rows[0]["cascade_ms"] / 20.0  # four layers over the 2x ideal of a 10 ms step
+    assert row[-1] == f"{share:.1f} % |"

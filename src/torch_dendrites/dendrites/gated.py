@@ -145,15 +145,21 @@ class GatedDendrites(DendriteStack):
 
     def gate(self, context: torch.Tensor) -> torch.Tensor:
         """The multiplicative gate ``[..., C]`` for a context ``[..., D]``."""
-        units = list(self.units)
-        k, c, s = len(units), self.num_neurons, self.segments
-        seg = torch.stack([u.segments for u in units])  # [k, C, S, D]
-        d = torch.nn.functional.linear(context.to(seg.dtype), seg.flatten(0, 2)).unflatten(-1, (k, c, s))
-        score = d.abs() if self.select == "absmax" else d
-        win = d.gather(-1, score.argmax(-1, keepdim=True)).squeeze(-1)  # [..., k, C]: only winners get gradient
-        # A full gate's factor is the sigmoid itself: m = 1 gives exactly that (1 - 1 + 1 * s == s).
-        m = torch.stack([u.segments.new_ones(c) if u.full else u.out_gain for u in units])  # [k, C]
-        return (1 - m + m * torch.sigmoid(win)).prod(-2)
+        c, s = self.num_neurons, self.segments
+        ctx = context.to(self.units[0].segments.dtype)
+        # Each gate's factor on its own, then their product: one matrix product or sigmoid over all gates at once
+        # would round a gate's values by where they fall in the batched tensor (the BLAS kernel chosen by width,
+        # the vectorised loop's tail), so growing would move the earlier gates by an ulp on some CPUs. This way an
+        # earlier gate is computed the same whatever follows it, and a new gate's factor is exactly 1.
+        g = None
+        for u in self.units:
+            d = torch.nn.functional.linear(ctx, u.segments.flatten(0, 1)).unflatten(-1, (c, s))  # [..., C, S]
+            score = d.abs() if self.select == "absmax" else d
+            win = d.gather(-1, score.argmax(-1, keepdim=True)).squeeze(-1)  # [..., C]: only winners get gradient
+            # A full gate's factor is the sigmoid itself; a mixed one's 1 - m + m * sigmoid (exactly 1 at m = 0).
+            f = torch.sigmoid(win) if u.full else 1 - u.out_gain + u.out_gain * torch.sigmoid(win)
+            g = f if g is None else g * f
+        return g
 
     def forward(self, y: torch.Tensor, neuron_axis: int, *args: Any, **kwargs: Any) -> torch.Tensor:
         p = self._check_axis(y, neuron_axis)

@@ -104,6 +104,8 @@ def in_child(fn, *, timeout: float = 60.0, extra_address_space: int = None, file
     import signal
     import time
 
+    import torch
+
     import torch_dendrites as td
 
     r, w = os.pipe()
@@ -111,6 +113,10 @@ def in_child(fn, *, timeout: float = 60.0, extra_address_space: int = None, file
     if pid == 0:  # the child: never returns into pytest
         try:
             os.close(r)
+            # One intra-op thread in the child: a parallel region entered after fork can wait forever on the
+            # parent's OpenMP pool (its threads do not exist here), which hung the child whenever the parent
+            # ran with more than one thread.
+            torch.set_num_threads(1)
             if extra_address_space is not None:
                 limit = _vm_size() + extra_address_space
                 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

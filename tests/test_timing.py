@@ -179,3 +179,15 @@ def test_the_cascade_bandwidth_table_times_the_kernel_against_its_floor():
     assert row[:3] == ["| 1", "eager", "0.0 MiB"]
     share = 100 * 4 * rows[0]["cascade_ms"] / 20.0  # four layers over the 2x ideal of a 10 ms step
     assert row[-1] == f"{share:.1f} % |"
+
+
+def test_the_profiles_gap_split_adds_up_to_the_gap_above_the_ideal():
+    from benchmarks import profile_overhead as po
+
+    # plain: 6 ms GEMM + 2 ms other; variant: 19 ms GEMM + 9 ms other; FLOP ideal 3x (24 ms).
+    row = {"ideal": 3.0, "gemm": 19 / 6, "other": 9 / 2, "plain_other_share": 2 / 8, "total": 28 / 8}
+    gemm_gap, other_gap = po.gap_split(row)
+    assert gemm_gap == pytest.approx((19 - 18) / 24) and other_gap == pytest.approx((9 - 6) / 24)
+    assert gemm_gap + other_gap == pytest.approx(row["total"] / row["ideal"] - 1)
+    line = po.table([{**row, "model": "m", "variant": "2 dendrites", "other_share": 9 / 28, "top": ""}], 1, 1)
+    assert line.rstrip().endswith("| +4.2 | +12.5 |")

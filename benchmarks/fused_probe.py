@@ -21,6 +21,7 @@ import argparse
 import functools
 import math
 import os
+import shutil
 import sys
 from typing import Dict, List, Sequence
 
@@ -37,11 +38,26 @@ RESULT = os.path.join(os.path.dirname(__file__), "results", "fused_probe.md")
 MODELS = {"cnn": "MNIST CNN (demo, half width)", "tokens": "Linear stack on [16, 64, 256]"}  # overhead.workload's
 
 
+def find_ninja() -> bool:
+    """Whether ninja (which ``torch.utils.cpp_extension`` builds with) can run; the ``ninja`` wheel of the
+    ``bench`` extra installs it beside this interpreter, which is on ``PATH`` only in an activated venv, so its
+    folder is put on this process's ``PATH`` where needed."""
+    if shutil.which("ninja"):
+        return True
+    try:
+        import ninja
+    except ImportError:
+        return False
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    return shutil.which("ninja") is not None
+
+
 @functools.cache
 def extension():
     """The hand-fused kernel, compiled on first use (cached by torch under ``TORCH_EXTENSIONS_DIR``)."""
     from torch.utils.cpp_extension import load, verify_ninja_availability
 
+    find_ninja()
     verify_ninja_availability()  # a clear RuntimeError naming ninja where it is missing
     flags = ["-O3"]
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):

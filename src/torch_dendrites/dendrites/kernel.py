@@ -18,6 +18,9 @@ pass plus the gain reductions (C++/OpenMP on the CPU, Triton on CUDA).
   ``AUTO_MIN_ELEMENTS`` dendrite pre-activations (all ``k`` dendrites together); smaller calls, where
   compiling (seconds, once per dendrite count) would cost more than it saves, stay eager.
 
+There is no third, hand-written native kernel: one fused by hand in C++ (one pass forward, one backward) was
+built and measured against the compiled one and was not faster (``benchmarks/fused_probe.py``).
+
 The two kernels agree to float rounding, not bit for bit (fused multiply-adds), so a layer's output can move
 by an ulp when ``"auto"`` switches kernels as it grows. A model that is itself compiled (``torch.compile(model)``)
 or exported traces the plain ops of ``_cascade_reference`` whatever the option says.
